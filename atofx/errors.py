@@ -1,0 +1,31 @@
+"""Every error atofx raises on purpose; each message says what to do next."""
+
+from __future__ import annotations
+
+
+class AtofxError(Exception):
+    """Base class: catch this to handle anything atofx refuses to do."""
+
+
+class TraceError(AtofxError):
+    """torch.fx could not trace the model (data-dependent control flow, unsupported Python)."""
+
+
+class ShapeError(AtofxError):
+    """Example inputs or a batch do not fit the model."""
+
+
+class NoPrunableSpaceError(AtofxError):
+    """The analysis found no channel space that can be pruned."""
+
+
+class EquivalenceError(AtofxError):
+    """The pruned model does not reproduce the masked model's outputs."""
+
+
+class UnsafeCheckpointError(AtofxError):
+    """A checkpoint or saved model carries code; it was refused without running it."""
+
+
+class MaskError(AtofxError):
+    """A mask does not fit the model's channel spaces."""

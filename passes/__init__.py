@@ -1,0 +1,1 @@
+"""The torch.fx passes of atofx: tracing, channel dependency, ZIG inference, FLOPs."""

@@ -1,0 +1,276 @@
+"""The dependency pass: walk a shape-annotated graph and record how channels flow.
+
+For each tensor it assigns a `ChannelLayout` using the op rule table, and it collects the
+facts ZIG inference needs: which elements must go together (unions), which can never go
+(pins, with the reason), and which parameter slices belong to which elements. The pass also
+builds a networkx graph with one node per (fx node, channel dim).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .channel_layout import ChannelLayout
+
+Role = Literal["out", "in"]
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """One dim of one parameter or buffer, indexed by channel position.
+
+    role "out": part of the ZIG (zeroing it zeroes the channel); "in": read by a consumer,
+    removed with the channel but irrelevant to zero-invariance.
+    """
+
+    module: str
+    name: str
+    dim: int
+    ids: np.ndarray
+    role: Role
+    node: str
+
+
+@dataclass(frozen=True)
+class Pin:
+    ids: np.ndarray
+    node: str
+    reason: str
+
+
+@dataclass
+class NodeFlops:
+    """How a FLOPs-counted op scales with the channels kept at its input and output."""
+
+    node: str
+    scaling: Literal["in*out", "out", "const"]
+    input: str | None = None
+
+
+@dataclass
+class ChannelFacts:
+    """Everything the dependency pass learns about one graph."""
+
+    n_elements: int = 0
+    layouts: dict[str, Any] = field(default_factory=dict)  # node name -> layout | tuple | None
+    slices: list[ParamSlice] = field(default_factory=list)
+    pins: list[Pin] = field(default_factory=list)
+    unknown_ops: dict[str, str] = field(default_factory=dict)  # node name -> op description
+    flops: dict[str, NodeFlops] = field(default_factory=dict)
+    literal_channel_args: dict[str, str] = field(default_factory=dict)  # node -> what is hard-coded
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    _union_a: list[np.ndarray] = field(default_factory=list)
+    _union_b: list[np.ndarray] = field(default_factory=list)
+
+    def fresh(self, n: int) -> np.ndarray:
+        ids = np.arange(self.n_elements, self.n_elements + n, dtype=np.int64)
+        self.n_elements += n
+        return ids
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        if a.size:
+            self._union_a.append(a.ravel())
+            self._union_b.append(b.ravel())
+
+    def union_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._union_a:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        return np.concatenate(self._union_a), np.concatenate(self._union_b)
+
+
+def tensor_shape(node: Any) -> torch.Size | None:
+    """Static shape of a node's tensor value from shape propagation, or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    return getattr(meta, "shape", None)
+
+
+def output_shapes(node: fx.Node) -> list[torch.Size | None] | None:
+    """Shapes of a node that returns a tuple or list of tensors."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)):
+        return [getattr(m, "shape", None) for m in meta]
+    return None
+
+
+def iter_nodes(value: Any):
+    """Every fx Node inside nested args."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return found
+
+
+@dataclass
+class RuleContext:
+    """What a rule sees of one node, and how it reports what it learns."""
+
+    node: fx.Node
+    gm: fx.GraphModule
+    facts: ChannelFacts
+    module: nn.Module | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def out_shape(self) -> torch.Size | None:
+        return tensor_shape(self.node)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if len(self.node.args) > index:
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def layout(self, value: Any) -> ChannelLayout | None:
+        if isinstance(value, fx.Node):
+            lay = self.facts.layouts.get(value.name)
+            return lay if isinstance(lay, ChannelLayout) else None
+        return None
+
+    def shape(self, value: Any) -> torch.Size | None:
+        return tensor_shape(value)
+
+    def input_layouts(self) -> list[ChannelLayout]:
+        lays = []
+        for n in iter_nodes((self.node.args, self.node.kwargs)):
+            lay = self.facts.layouts.get(n.name)
+            if isinstance(lay, ChannelLayout):
+                lays.append(lay)
+            elif isinstance(lay, (tuple, list)):
+                lays.extend(x for x in lay if isinstance(x, ChannelLayout))
+        return lays
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        if len(ids):
+            self.facts.pins.append(Pin(np.asarray(ids, dtype=np.int64), self.name, reason))
+
+    def pin_inputs(self, reason: str) -> None:
+        for lay in self.input_layouts():
+            self.pin(lay.ids, reason)
+
+    def fresh(self, dim: int, width: int, *, pinned: str | None = None, zero: bool = True) -> ChannelLayout:
+        ids = self.facts.fresh(width)
+        if pinned:
+            self.pin(ids, pinned)
+        return ChannelLayout(dim, ids, np.full(width, zero))
+
+    def fresh_like_output(self, reason: str) -> Any:
+        """Pinned fresh layouts for whatever tensors this node returns."""
+        shape = self.out_shape
+        if shape is not None:
+            return self.fresh(default_channel_dim(shape), channel_width(shape), pinned=reason, zero=False)
+        shapes = output_shapes(self.node)
+        if shapes is not None:
+            return tuple(
+                self.fresh(default_channel_dim(s), channel_width(s), pinned=reason, zero=False)
+                if s is not None
+                else None
+                for s in shapes
+            )
+        return None
+
+    def param_slice(self, owner: str, name: str, dim: int, ids: np.ndarray, role: Role) -> None:
+        self.facts.slices.append(ParamSlice(owner, name, dim, np.asarray(ids, dtype=np.int64), role, self.name))
+
+    def attr_path(self, value: Any) -> tuple[str, str, bool] | None:
+        """(owner module, attribute, is_parameter) when `value` is a get_attr node."""
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            owner, _, attr = str(value.target).rpartition(".")
+            mod = self.gm.get_submodule(owner) if owner else self.gm
+            return owner, attr, isinstance(getattr(mod, attr, None), nn.Parameter)
+        return None
+
+    def counts_flops(self, scaling: Literal["in*out", "out", "const"], input: Any = None) -> None:
+        src = input.name if isinstance(input, fx.Node) else None
+        self.facts.flops[self.name] = NodeFlops(self.name, scaling, src)
+
+    def literal_channels(self, what: str) -> None:
+        self.facts.literal_channel_args[self.name] = what
+
+
+def default_channel_dim(shape: torch.Size) -> int:
+    return 1 if len(shape) >= 2 else 0
+
+
+def channel_width(shape: torch.Size) -> int:
+    return int(shape[default_channel_dim(shape)]) if len(shape) else 1
+
+
+def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"module {type(gm.get_submodule(str(node.target))).__name__} ('{node.target}')"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    target = node.target
+    mod = getattr(target, "__module__", None) or ""
+    return f"function {mod + '.' if mod else ''}{getattr(target, '__name__', str(target))}"
+
+
+class ChannelDependencyPass:
+    """Walks a GraphModule whose nodes carry `tensor_meta` and returns its `ChannelFacts`."""
+
+    def __init__(self, gm: fx.GraphModule, rules: Any = None):
+        from .op_rules import RULES, lookup_rule
+
+        self.gm = gm
+        self.rules = RULES if rules is None else rules
+        self._lookup = lookup_rule
+
+    def run(self) -> ChannelFacts:
+        facts = ChannelFacts()
+        modules = dict(self.gm.named_modules())
+        for node in self.gm.graph.nodes:
+            ctx = RuleContext(node, self.gm, facts, modules.get(str(node.target)) if node.op == "call_module" else None)
+            layout = self._visit(ctx)
+            facts.layouts[node.name] = layout
+            self._add_graph_node(facts, node, layout)
+        return facts
+
+    def _visit(self, ctx: RuleContext) -> Any:
+        node = ctx.node
+        if node.op == "placeholder":
+            return ctx.fresh_like_output("model input")
+        if node.op == "get_attr":
+            return None
+        if node.op == "output":
+            ctx.pin_inputs("model output")
+            return None
+        rule = self._lookup(self.rules, node, ctx.module)
+        if rule is None:
+            what = describe_target(node, self.gm)
+            has_tensor_io = ctx.input_layouts() or ctx.out_shape is not None or output_shapes(node)
+            if not has_tensor_io:
+                return None
+            ctx.facts.unknown_ops[node.name] = what
+            reason = f"unknown op: {what}"
+            ctx.pin_inputs(reason)
+            return ctx.fresh_like_output(reason)
+        return rule.propagate(ctx)
+
+    @staticmethod
+    def _add_graph_node(facts: ChannelFacts, node: fx.Node, layout: Any) -> None:
+        lays = [layout] if isinstance(layout, ChannelLayout) else list(layout or ())
+        lays = [x for x in lays if isinstance(x, ChannelLayout)]
+        if not lays:
+            return
+        facts.graph.add_node((node.name, lays[0].dim), fx_node=node.name, width=sum(x.width for x in lays))
+        for src in iter_nodes((node.args, node.kwargs)):
+            if node.op == "call_function" and node.target is operator.getitem and src is not node.args[0]:
+                continue
+            src_lay = facts.layouts.get(src.name)
+            src_lays = [src_lay] if isinstance(src_lay, ChannelLayout) else list(src_lay or ())
+            src_lays = [x for x in src_lays if isinstance(x, ChannelLayout)]
+            if src_lays:
+                facts.graph.add_edge((src.name, src_lays[0].dim), (node.name, lays[0].dim))

@@ -1,0 +1,788 @@
+"""The op rule table: for each op, how channel positions flow from its inputs to its outputs.
+
+`RULES` is data: one entry per op target (a module class, a function, or a `Method` name),
+each an `OpRule` whose `propagate(ctx)` returns the output layout and reports unions, pins,
+parameter slices and FLOPs scaling through the `RuleContext`. An op that is not in the table
+pins every channel it touches (see `ChannelDependencyPass`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .channel_layout import ChannelLayout, concat, reshape_groups
+from .dependency import RuleContext, output_shapes
+
+
+class Method(NamedTuple):
+    """Key for a `call_method` node, e.g. `Method("view")`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class OpRule:
+    kind: str
+    propagate: Callable[[RuleContext], Any]
+
+
+def lookup_rule(rules: dict, node: fx.Node, module: nn.Module | None) -> OpRule | None:
+    if node.op == "call_module":
+        cls = type(module)
+        if cls in rules:
+            return rules[cls]
+        # a subclass counts only if it keeps its base's forward
+        for base in cls.__mro__[1:]:
+            if base in rules and cls.forward is base.forward:
+                return rules[base]
+        return None
+    if node.op == "call_method":
+        return rules.get(Method(str(node.target)))
+    if node.op == "call_function":
+        try:
+            return rules.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def _ndim(ctx: RuleContext, value: Any) -> int:
+    shape = ctx.shape(value)
+    return len(shape) if shape is not None else 0
+
+
+def _norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _require_zero(ctx: RuleContext, lay: ChannelLayout, consumer: str) -> None:
+    """A consumer that sums over channels needs dropped channels to be exactly zero."""
+    bad = ~lay.zero
+    if bad.any():
+        ctx.pin(lay.ids[bad], f"channel is not zero when its group is zeroed (a non-zero-preserving op before {consumer})")
+
+
+def _pinned_passthrough(ctx: RuleContext, lay: ChannelLayout, reason: str) -> ChannelLayout:
+    ctx.pin(lay.ids, reason)
+    return lay.with_zero(False)
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def unary(zero_preserving: bool | Callable[[RuleContext], bool]) -> Callable[[RuleContext], Any]:
+    """Elementwise op on its first argument; `zero_preserving` says whether f(0) == 0."""
+
+    def propagate(ctx: RuleContext) -> Any:
+        lay = ctx.layout(ctx.arg(0, "input"))
+        if lay is None:
+            return None
+        out_nd, in_nd = len(ctx.out_shape or ()), _ndim(ctx, ctx.arg(0, "input"))
+        keeps = zero_preserving(ctx) if callable(zero_preserving) else zero_preserving
+        out = lay.at(lay.dim + out_nd - in_nd)
+        return out if keeps else out.with_zero(False)
+
+    return propagate
+
+
+def _hardtanh_keeps_zero(ctx: RuleContext) -> bool:
+    m = ctx.module
+    return m.min_val <= 0 <= m.max_val
+
+
+def _clamp_keeps_zero(ctx: RuleContext) -> bool:
+    lo, hi = ctx.arg(1, "min"), ctx.arg(2, "max")
+    if isinstance(lo, fx.Node) or isinstance(hi, fx.Node):
+        return False
+    return (lo is None or lo <= 0) and (hi is None or hi >= 0)
+
+
+def _threshold_keeps_zero(ctx: RuleContext) -> bool:
+    m = ctx.module
+    return m.threshold < 0 or m.value == 0
+
+
+def prelu(ctx: RuleContext) -> Any:
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if lay is None:
+        return None
+    if ctx.module.num_parameters > 1:
+        if lay.dim != 1:
+            return _pinned_passthrough(ctx, lay, "PReLU weight is not on the tracked channel dim")
+        ctx.param_slice(str(ctx.node.target), "weight", 0, lay.ids, "in")
+    return lay
+
+
+class _Operand(NamedTuple):
+    value: Any
+    layout: ChannelLayout | None
+    shape: torch.Size | None
+
+
+def binary(kind: str) -> Callable[[RuleContext], Any]:
+    """add / sub / mul / div with broadcasting; `kind` is one of those four words."""
+
+    def propagate(ctx: RuleContext) -> Any:
+        out_shape = ctx.out_shape
+        if out_shape is None:
+            return None
+        operands = [ctx.arg(0, "input"), ctx.arg(1, "other")]
+        ops = [_Operand(v, ctx.layout(v), ctx.shape(v)) for v in operands]
+        nd = len(out_shape)
+        tracked = [(i, o) for i, o in enumerate(ops) if o.layout is not None]
+        if not tracked:
+            return None
+        dims = {o.layout.dim + nd - len(o.shape) for _, o in tracked}
+        if len(dims) > 1:
+            reason = f"{kind} combines tensors whose channels lie on different dims"
+            ctx.pin_inputs(reason)
+            return ctx.fresh_like_output(reason)
+        (dim,) = dims
+        width = out_shape[dim]
+        full = [(i, o) for i, o in tracked if o.layout.width == width]
+        for _, o in tracked:
+            if o.layout.width != width:
+                ctx.pin(o.layout.ids, f"a single channel broadcast across {width} channels by {kind}")
+        if not full:
+            return None
+        lead = full[0][1].layout
+        for _, o in full[1:]:
+            ctx.facts.union(lead.ids, o.layout.ids)
+        zeros = [o.layout.zero for _, o in full]
+        if kind == "mul":
+            zero = np.logical_or.reduce(zeros)
+        else:
+            zero = np.logical_and.reduce(zeros) if kind in ("add", "sub") else zeros[0].copy()
+        if kind == "div" and any(i == 1 for i, _ in tracked):
+            ctx.pin(lead.ids, "a channel used as a divisor")
+        for i, o in enumerate(ops):
+            if o.layout is not None and o.layout.width == width:
+                continue
+            zero = _untracked_operand(ctx, kind, i, o, dim, nd, width, lead, zero)
+        return ChannelLayout(dim, lead.ids, np.asarray(zero, dtype=bool))
+
+    return propagate
+
+
+def _untracked_operand(
+    ctx: RuleContext, kind: str, index: int, o: _Operand, dim: int, nd: int, width: int,
+    lead: ChannelLayout, zero: np.ndarray,
+) -> np.ndarray:
+    """Effect of a scalar, constant or parameter operand on the tracked channels."""
+    if kind == "div" and index == 0:  # something divided by the channel
+        ctx.pin(lead.ids, "a channel used as a divisor")
+    if o.shape is None:  # a Python number or size arithmetic
+        nonzero = isinstance(o.value, fx.Node) or o.value != 0
+        return np.zeros_like(zero) if kind in ("add", "sub") and nonzero else zero
+    own_dim = dim - (nd - len(o.shape))
+    per_channel = own_dim >= 0 and o.shape[own_dim] == width and width > 1
+    if not per_channel:
+        return np.zeros_like(zero) if kind in ("add", "sub") else zero
+    attr = ctx.attr_path(o.value)
+    if attr is None:
+        ctx.pin(lead.ids, f"{kind} with a computed per-channel tensor that cannot be sliced")
+        return np.zeros_like(zero)
+    owner, name, is_param = attr
+    if kind == "div":
+        ctx.param_slice(owner, name, own_dim, lead.ids, "in")
+        return zero
+    ctx.param_slice(owner, name, own_dim, lead.ids, "out" if is_param else "in")
+    if kind == "mul":
+        return np.ones_like(zero) if is_param else zero
+    return zero if is_param else np.zeros_like(zero)
+
+
+# ---------------------------------------------------------------- layers with weights
+
+
+def _weight_ref(ctx: RuleContext, weight_arg: Any, bias_arg: Any) -> tuple[str, str, str | None] | None:
+    """(owner, weight name, bias name) for a module or a functional call on get_attr params."""
+    if ctx.module is not None:
+        bias = "bias" if getattr(ctx.module, "bias", None) is not None else None
+        return str(ctx.node.target), "weight", bias
+    w = ctx.attr_path(weight_arg)
+    if w is None:
+        return None
+    b = ctx.attr_path(bias_arg) if bias_arg is not None else None
+    if bias_arg is not None and (b is None or b[0] != w[0]):
+        return None
+    return w[0], w[1], b[1] if b else None
+
+
+def conv(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if ctx.module is not None:
+        weight_shape, groups = ctx.module.weight.shape, ctx.module.groups
+        ref = _weight_ref(ctx, None, None)
+    else:
+        weight_shape = ctx.shape(ctx.arg(1, "weight"))
+        groups = ctx.arg(6, "groups", 1)
+        ref = _weight_ref(ctx, ctx.arg(1, "weight"), ctx.arg(2, "bias"))
+    out_shape = ctx.out_shape
+    if out_shape is None or weight_shape is None or isinstance(groups, fx.Node):
+        return ctx.fresh_like_output("convolution with unknown shapes")
+    cout = int(weight_shape[0])
+    if lay is not None and lay.dim != 1:
+        ctx.pin(lay.ids, "convolution over the tracked dim")
+        lay = None
+    if ref is None:
+        ctx.pin_inputs("convolution with a computed weight")
+        return ctx.fresh(1, cout, pinned="convolution with a computed weight")
+    owner, weight, bias = ref
+    if groups == 1:
+        if lay is not None:
+            _require_zero(ctx, lay, f"conv '{owner}'")
+            ctx.param_slice(owner, weight, 1, lay.ids, "in")
+        out = ctx.fresh(1, cout)
+        ctx.counts_flops("in*out", x)
+    else:
+        if lay is None:
+            return ctx.fresh(1, cout, pinned="grouped convolution over an untracked input")
+        by_group = lay.ids.reshape(groups, -1)
+        ctx.facts.union(by_group[:, :1], by_group)
+        out = ChannelLayout(1, np.repeat(by_group[:, 0], cout // groups), np.ones(cout, dtype=bool))
+        ctx.counts_flops("out", x)
+    ctx.param_slice(owner, weight, 0, out.ids, "out")
+    if bias:
+        ctx.param_slice(owner, bias, 0, out.ids, "out")
+    return out
+
+
+def conv_transpose(ctx: RuleContext) -> Any:
+    m = ctx.module
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if m.groups != 1:
+        reason = "grouped transposed convolution"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    owner = str(ctx.node.target)
+    if lay is not None:
+        if lay.dim != 1:
+            ctx.pin(lay.ids, "convolution over the tracked dim")
+        else:
+            _require_zero(ctx, lay, f"conv '{owner}'")
+            ctx.param_slice(owner, "weight", 0, lay.ids, "in")
+    out = ctx.fresh(1, m.out_channels)
+    ctx.param_slice(owner, "weight", 1, out.ids, "out")
+    if m.bias is not None:
+        ctx.param_slice(owner, "bias", 0, out.ids, "out")
+    ctx.counts_flops("in*out", x)
+    return out
+
+
+def linear(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay, in_nd = ctx.layout(x), _ndim(ctx, x)
+    if ctx.module is not None:
+        ref, out_features = _weight_ref(ctx, None, None), ctx.module.out_features
+    else:
+        ref = _weight_ref(ctx, ctx.arg(1, "weight"), ctx.arg(2, "bias"))
+        out_features = int(ctx.out_shape[-1]) if ctx.out_shape is not None else 0
+    if ref is None:
+        ctx.pin_inputs("linear with a computed weight")
+        return ctx.fresh_like_output("linear with a computed weight")
+    owner, weight, bias = ref
+    if lay is not None and lay.dim != in_nd - 1:
+        ctx.counts_flops("out", x)
+        return lay if bias is None else lay.with_zero(False)
+    if lay is not None:
+        _require_zero(ctx, lay, f"linear '{owner}'")
+        ctx.param_slice(owner, weight, 1, lay.ids, "in")
+    out = ctx.fresh(max(in_nd - 1, 0), out_features)
+    ctx.param_slice(owner, weight, 0, out.ids, "out")
+    if bias:
+        ctx.param_slice(owner, bias, 0, out.ids, "out")
+    ctx.counts_flops("in*out", x)
+    return out
+
+
+def _per_channel_norm(ctx: RuleContext, affine_names: tuple[str | None, str | None],
+                      stat_names: tuple[str | None, str | None], owner: str, zero_if_plain: bool) -> Any:
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if lay is None:
+        return None
+    if lay.dim != 1:
+        return _pinned_passthrough(ctx, lay, "normalisation over a dim that is not the tracked channel dim")
+    weight, bias = affine_names
+    for name, role in ((weight, "out"), (bias, "out"), *((s, "in") for s in stat_names)):
+        if name is not None:
+            ctx.param_slice(owner, name, 0, lay.ids, role)
+    if weight is not None and bias is not None:
+        return lay.with_zero(True)
+    return lay if zero_if_plain else lay.with_zero(False)
+
+
+def batch_norm(ctx: RuleContext) -> Any:
+    m = ctx.module
+    if m is not None:
+        affine = ("weight", "bias") if m.affine else (None, None)
+        stats = ("running_mean", "running_var") if m.running_mean is not None else (None, None)
+        instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
+        return _per_channel_norm(ctx, affine, stats, str(ctx.node.target), instance and m.running_mean is None)
+    refs = [ctx.attr_path(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                        (4, "bias"))]
+    return _functional_norm(ctx, refs, zero_if_plain=False)
+
+
+def instance_norm(ctx: RuleContext) -> Any:
+    refs = [ctx.attr_path(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                        (4, "bias"))]
+    return _functional_norm(ctx, refs, zero_if_plain=refs[0] is None)
+
+
+def _functional_norm(ctx: RuleContext, refs: list, zero_if_plain: bool) -> Any:
+    present = [r for r in refs if r is not None]
+    owners = {r[0] for r in present}
+    if len(owners) > 1:
+        lay = ctx.layout(ctx.arg(0, "input"))
+        return _pinned_passthrough(ctx, lay, "normalisation with parameters of several modules") if lay else None
+    owner = owners.pop() if owners else ""
+    names = [r[1] if r else None for r in refs]
+    return _per_channel_norm(ctx, (names[2], names[3]), (names[0], names[1]), owner, zero_if_plain)
+
+
+def group_norm(ctx: RuleContext) -> Any:
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if lay is None:
+        return None
+    if ctx.module is not None:
+        groups, owner = ctx.module.num_groups, str(ctx.node.target)
+        names = ("weight", "bias") if ctx.module.affine else (None, None)
+    else:
+        groups = ctx.arg(1, "num_groups")
+        w, b = ctx.attr_path(ctx.arg(2, "weight")), ctx.attr_path(ctx.arg(3, "bias"))
+        owner = (w or b or ("",))[0]
+        names = (w[1] if w else None, b[1] if b else None)
+    if lay.dim != 1 or groups != lay.width:
+        return _pinned_passthrough(ctx, lay, "GroupNorm normalises across the channels of a group")
+    ctx.literal_channels("num_groups")
+    return _per_channel_norm(ctx, names, (None, None), owner, zero_if_plain=True)
+
+
+def layer_norm(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    if ctx.module is not None:
+        n_norm, has_bias = len(ctx.module.normalized_shape), getattr(ctx.module, "bias", None) is not None
+    else:
+        shape = ctx.arg(1, "normalized_shape")
+        n_norm, has_bias = len(shape), ctx.arg(3, "bias") is not None
+    if lay.dim >= _ndim(ctx, x) - n_norm:
+        return _pinned_passthrough(ctx, lay, "LayerNorm normalises over the channel dim")
+    return lay.with_zero(False) if has_bias else lay
+
+
+def softmax(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
+    if dim is None or _norm_dim(dim, _ndim(ctx, x)) == lay.dim:
+        return _pinned_passthrough(ctx, lay, "softmax over the channel dim")
+    return lay.with_zero(False)
+
+
+def normalize(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    if _norm_dim(ctx.arg(2, "dim", 1), _ndim(ctx, x)) == lay.dim:
+        return _pinned_passthrough(ctx, lay, "normalize() over the channel dim")
+    return lay
+
+
+# ---------------------------------------------------------------- spatial ops
+
+
+def spatial(n_spatial: int | None, zero_preserving: bool = True) -> Callable[[RuleContext], Any]:
+    """Pooling, interpolation and spatial padding: work on the last dims, keep channels."""
+
+    def propagate(ctx: RuleContext) -> Any:
+        x = ctx.arg(0, "input")
+        lay = ctx.layout(x)
+        if lay is None:
+            return None
+        nd = _ndim(ctx, x)
+        k = n_spatial if n_spatial is not None else max(nd - 2, 1)
+        if lay.dim >= nd - k:
+            return _pinned_passthrough(ctx, lay, "pooling or resampling over the channel dim")
+        keeps = zero_preserving
+        if ctx.module is not None and hasattr(ctx.module, "value"):  # ConstantPadNd
+            keeps = ctx.module.value == 0
+        return lay if keeps else lay.with_zero(False)
+
+    return propagate
+
+
+def pad(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    amounts, mode, value = ctx.arg(1, "pad"), ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+    value = 0 if value is None else value
+    if any(isinstance(a, fx.Node) for a in amounts) or isinstance(value, fx.Node):
+        return _pinned_passthrough(ctx, lay, "padding by amounts only known at run time")
+    nd = _ndim(ctx, x)
+    pos = nd - 1 - lay.dim
+    left, right = (amounts[2 * pos], amounts[2 * pos + 1]) if 2 * pos + 1 < len(amounts) else (0, 0)
+    keeps = mode != "constant" or value == 0
+    if left == 0 and right == 0:
+        return lay if keeps else lay.with_zero(False)
+    if mode != "constant" or left < 0 or right < 0:
+        return _pinned_passthrough(ctx, lay, f"{mode} padding or cropping of the channel dim")
+    parts = [ctx.fresh(lay.dim, left, pinned="channel padding"), lay, ctx.fresh(lay.dim, right, pinned="channel padding")]
+    return concat(parts, lay.dim)
+
+
+# ---------------------------------------------------------------- shape ops
+
+
+def shape_query(ctx: RuleContext) -> Any:
+    """size(), dim(), .shape: no tensor out, nothing to track."""
+    return None
+
+
+def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], dst: tuple[int, ...]) -> Any:
+    groups = reshape_groups(src, dst)
+    if groups is None:
+        return _pinned_passthrough(ctx, lay, "reshape that cannot be followed")
+    for in_dims, out_dims in groups:
+        if lay.dim in in_dims:
+            break
+    else:
+        return _pinned_passthrough(ctx, lay, "reshape that cannot be followed")
+    in_sizes = [src[d] for d in in_dims]
+    out_sizes = [dst[d] for d in out_dims]
+    if not out_sizes:
+        return _pinned_passthrough(ctx, lay, "reshape removes the channel dim")
+    axis = lay.dim - in_dims.start
+    view = [1] * len(in_sizes)
+    view[axis] = lay.width
+    ids = np.broadcast_to(lay.ids.reshape(view), in_sizes).reshape(out_sizes)
+    zero = np.broadcast_to(lay.zero.reshape(view), in_sizes).reshape(out_sizes)
+    varying = [a for a in range(len(out_sizes)) if out_sizes[a] > 1 and not _constant_along(ids, a)]
+    if not varying:
+        keep = next((a for a in range(len(out_sizes)) if out_sizes[a] == lay.width), 0)
+        varying = [keep]
+    last = varying[-1]
+    moved_ids = np.moveaxis(ids, last, -1).reshape(-1, out_sizes[last])
+    moved_zero = np.moveaxis(zero, last, -1).reshape(-1, out_sizes[last])
+    if len(varying) > 1:  # a channel dim split in several: only the innermost part may shrink
+        ctx.facts.union(moved_ids[:1], moved_ids)
+    return ChannelLayout(out_dims.start + last, moved_ids[0].copy(), moved_zero.all(axis=0))
+
+
+def _constant_along(arr: np.ndarray, axis: int) -> bool:
+    first = np.take(arr, [0], axis=axis)
+    return bool((arr == first).all())
+
+
+def reshape(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    src, dst = ctx.shape(x), ctx.out_shape
+    if lay is None or src is None or dst is None:
+        return None
+    if ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape"):
+        literals = [a for a in ctx.node.args[1:] if isinstance(a, int) and a not in (-1, 1)]
+        if any(a % lay.width == 0 or lay.width % max(a, 1) == 0 for a in literals):
+            ctx.literal_channels("shape arguments")
+    return _reshape_layout(ctx, lay, tuple(src), tuple(dst))
+
+
+def permute(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    nd = _ndim(ctx, x)
+    target = ctx.node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if name == "permute":
+        dims = ctx.node.args[1:] if ctx.node.op == "call_method" else ctx.arg(1, "dims")
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        order = [_norm_dim(d, nd) for d in dims]
+        return lay.at(order.index(lay.dim))
+    if name in ("transpose", "swapaxes", "swapdims"):
+        a, b = _norm_dim(ctx.arg(1, "dim0"), nd), _norm_dim(ctx.arg(2, "dim1"), nd)
+        return lay.at(b if lay.dim == a else a if lay.dim == b else lay.dim)
+    if name in ("movedim", "moveaxis"):
+        order = list(range(nd))
+        src, dst = _norm_dim(ctx.arg(1, "source"), nd), _norm_dim(ctx.arg(2, "destination"), nd)
+        order.insert(dst, order.pop(src))
+        return lay.at(order.index(lay.dim))
+    return _pinned_passthrough(ctx, lay, f"unknown permutation {name}")
+
+
+def squeeze_unsqueeze(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay, src, dst = ctx.layout(x), ctx.shape(x), ctx.out_shape
+    if lay is None or src is None or dst is None:
+        return None
+    return _reshape_layout(ctx, lay, tuple(src), tuple(dst))
+
+
+def expand(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay, src, dst = ctx.layout(x), ctx.shape(x), ctx.out_shape
+    if lay is None or src is None or dst is None:
+        return None
+    dim = lay.dim + len(dst) - len(src)
+    if dst[dim] != lay.width:
+        return _pinned_passthrough(ctx, lay, "expand or repeat along the channel dim")
+    return lay.at(dim)
+
+
+_REDUCE_KEEPS = {"sum"}
+
+
+def reduce(name: str) -> Callable[[RuleContext], Any]:
+    """mean / sum / amax / ... over some dims."""
+
+    def propagate(ctx: RuleContext) -> Any:
+        x = ctx.arg(0, "input")
+        lay = ctx.layout(x)
+        if lay is None:
+            return None
+        nd = _ndim(ctx, x)
+        dims = ctx.arg(1, "dim")
+        keepdim = ctx.arg(2, "keepdim", False)
+        if dims is None or dims == [] or dims == ():
+            dims = list(range(nd))
+        dims = [_norm_dim(d, nd) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        if lay.dim in dims:
+            if name in _REDUCE_KEEPS:
+                _require_zero(ctx, lay, f"{name}() over channels")
+            else:
+                ctx.pin(lay.ids, f"{name}() over the channel dim")
+            return None
+        new_dim = lay.dim if keepdim else lay.dim - sum(d < lay.dim for d in dims)
+        return lay.at(new_dim)
+
+    return propagate
+
+
+def cat(ctx: RuleContext) -> Any:
+    tensors = ctx.arg(0, "tensors")
+    nd = len(ctx.out_shape or ())
+    if nd == 0:
+        return None
+    dim = _norm_dim(ctx.arg(1, "dim", 0), nd)
+    lays = [ctx.layout(t) for t in tensors]
+    tracked = [x for x in lays if x is not None]
+    if not tracked:
+        return None
+    if all(x.dim == dim for x in tracked):
+        parts = [
+            lay if lay is not None else ctx.fresh(dim, int(ctx.shape(t)[dim]), pinned="concatenated untracked tensor")
+            for t, lay in zip(tensors, lays, strict=True)
+        ]
+        return concat(parts, dim)
+    other = {x.dim for x in tracked}
+    if len(other) == 1 and all(x is not None for x in lays):
+        lead = tracked[0]
+        if all(x.width == lead.width for x in tracked):
+            for x in tracked[1:]:
+                ctx.facts.union(lead.ids, x.ids)
+            return ChannelLayout(lead.dim, lead.ids, np.logical_and.reduce([x.zero for x in tracked]))
+    reason = "concatenation that mixes channel dims"
+    ctx.pin_inputs(reason)
+    return ctx.fresh_like_output(reason)
+
+
+def split(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    shapes = output_shapes(ctx.node)
+    if lay is None or shapes is None:
+        return None
+    nd = _ndim(ctx, x)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    dim = _norm_dim(ctx.arg(2, "dim", 0), nd)
+    if dim != lay.dim:
+        return tuple(lay for _ in shapes)
+    widths = [int(s[dim]) for s in shapes]
+    offsets = np.cumsum([0, *widths])
+    parts = [lay.sliced(slice(int(a), int(b))) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    equal = name == "chunk" or isinstance(ctx.arg(1, "split_size_or_sections"), int)
+    if name != "chunk":
+        ctx.literal_channels("split sizes")
+    if equal and len(set(widths)) > 1:
+        return tuple(_pinned_passthrough(ctx, p, "chunks of unequal size") for p in parts)
+    if equal:  # equal chunks stay equal after pruning only if they lose the same positions
+        for p in parts[1:]:
+            ctx.facts.union(parts[0].ids, p.ids)
+    return tuple(parts)
+
+
+def getitem(ctx: RuleContext) -> Any:
+    src, index = ctx.node.args
+    lays = ctx.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None
+    if isinstance(lays, (tuple, list)):
+        return lays[index] if isinstance(index, int) else tuple(lays[index]) if isinstance(index, slice) else None
+    lay = ctx.layout(src)
+    if lay is None:
+        return None
+    items = list(index) if isinstance(index, tuple) else [index]
+    nd = _ndim(ctx, src)
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        fill = nd - (len(items) - 1 - sum(i is None for i in items))
+        items[at:at + 1] = [slice(None)] * fill
+    in_dim = out_dim = 0
+    result = lay
+    for item in items:
+        if item is None:
+            out_dim += 1
+            continue
+        if in_dim == lay.dim:
+            if isinstance(item, slice) and item == slice(None):
+                result = lay.at(out_dim)
+            elif isinstance(item, slice) and all(isinstance(v, (int, type(None))) for v in (item.start, item.stop,
+                                                                                               item.step)):
+                ctx.literal_channels("channel slice")
+                result = lay.sliced(item).at(out_dim)
+            else:
+                ctx.pin(lay.ids, "indexing that selects single channels")
+                return None
+        elif isinstance(item, fx.Node) or not isinstance(item, (int, slice)):
+            ctx.pin(lay.ids, "advanced indexing")
+            return None
+        if isinstance(item, slice):
+            out_dim += 1
+        in_dim += 1
+    if in_dim <= lay.dim:
+        result = lay.at(lay.dim - in_dim + out_dim)
+    return result
+
+
+def channel_shuffle(ctx: RuleContext) -> Any:
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if lay is None:
+        return None
+    groups = ctx.module.groups if ctx.module is not None else ctx.arg(1, "groups")
+    if lay.dim != 1 or lay.width % groups:
+        return _pinned_passthrough(ctx, lay, "channel shuffle that cannot be followed")
+    by_group = lay.ids.reshape(groups, -1)
+    ctx.facts.union(by_group[:1], by_group)
+    zero = lay.zero.reshape(groups, -1).all(axis=0)
+    return ChannelLayout(1, np.repeat(by_group[0], groups), np.repeat(zero, groups))
+
+
+# ---------------------------------------------------------------- the table
+
+_identity = unary(True)
+_keeps_zero_modules = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)
+_loses_zero_modules = (nn.Sigmoid, nn.Hardsigmoid, nn.LogSigmoid, nn.Softplus)
+_keeps_zero_functions = (
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, torch.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, torch.tanh, F.tanh, F.softsign, F.softshrink, F.hardshrink, F.tanhshrink, torch.neg,
+    operator.neg, torch.abs, torch.sqrt, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    torchvision.ops.stochastic_depth, F.hardtanh,
+)
+_loses_zero_functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus, torch.exp, torch.cos)
+_keeps_zero_methods = (
+    "relu", "relu_", "tanh", "tanh_", "neg", "abs", "sqrt", "contiguous", "clone", "detach", "float",
+    "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda",
+)
+_loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_")
+
+RULES: dict[Any, OpRule] = {
+    **{cls: OpRule("elementwise", _identity) for cls in _keeps_zero_modules},
+    **{cls: OpRule("elementwise, f(0) != 0", unary(False)) for cls in _loses_zero_modules},
+    **{fn: OpRule("elementwise", _identity) for fn in _keeps_zero_functions},
+    **{fn: OpRule("elementwise, f(0) != 0", unary(False)) for fn in _loses_zero_functions},
+    **{Method(m): OpRule("elementwise", _identity) for m in _keeps_zero_methods},
+    **{Method(m): OpRule("elementwise, f(0) != 0", unary(False)) for m in _loses_zero_methods},
+    nn.Hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
+    nn.Threshold: OpRule("elementwise", unary(_threshold_keeps_zero)),
+    torch.clamp: OpRule("elementwise", unary(_clamp_keeps_zero)),
+    Method("clamp"): OpRule("elementwise", unary(_clamp_keeps_zero)),
+    Method("clamp_"): OpRule("elementwise", unary(_clamp_keeps_zero)),
+    nn.PReLU: OpRule("elementwise, per-channel weight", prelu),
+    **{op: OpRule("add", binary("add")) for op in (operator.add, operator.iadd, torch.add, Method("add"),
+                                                    Method("add_"))},
+    **{op: OpRule("sub", binary("sub")) for op in (operator.sub, operator.isub, torch.sub, Method("sub"),
+                                                    Method("sub_"))},
+    **{op: OpRule("mul", binary("mul")) for op in (operator.mul, operator.imul, torch.mul, Method("mul"),
+                                                    Method("mul_"))},
+    **{op: OpRule("div", binary("div")) for op in (operator.truediv, torch.div, Method("div"), Method("div_"))},
+    **{cls: OpRule("conv", conv) for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    **{fn: OpRule("conv", conv) for fn in (F.conv1d, F.conv2d, F.conv3d)},
+    **{cls: OpRule("conv-transpose", conv_transpose) for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                                  nn.ConvTranspose3d)},
+    nn.Linear: OpRule("linear", linear),
+    F.linear: OpRule("linear", linear),
+    **{cls: OpRule("batch-norm", batch_norm) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                                                          nn.SyncBatchNorm, nn.InstanceNorm1d,
+                                                          nn.InstanceNorm2d, nn.InstanceNorm3d)},
+    F.batch_norm: OpRule("batch-norm", batch_norm),
+    F.instance_norm: OpRule("instance-norm", instance_norm),
+    nn.GroupNorm: OpRule("group-norm", group_norm),
+    F.group_norm: OpRule("group-norm", group_norm),
+    nn.LayerNorm: OpRule("layer-norm", layer_norm),
+    F.layer_norm: OpRule("layer-norm", layer_norm),
+    **{op: OpRule("softmax", softmax) for op in (nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax,
+                                                  torch.softmax, Method("softmax"), Method("log_softmax"))},
+    F.normalize: OpRule("normalize", normalize),
+    **{cls: OpRule("pool", spatial(1)) for cls in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+                                                    nn.AdaptiveMaxPool1d, nn.LPPool1d)},
+    **{cls: OpRule("pool", spatial(2)) for cls in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                                                    nn.AdaptiveMaxPool2d, nn.LPPool2d)},
+    **{cls: OpRule("pool", spatial(3)) for cls in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                                                    nn.AdaptiveMaxPool3d)},
+    **{fn: OpRule("pool", spatial(1)) for fn in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
+                                                  F.adaptive_max_pool1d)},
+    **{fn: OpRule("pool", spatial(2)) for fn in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                                                  F.adaptive_max_pool2d, F.lp_pool2d)},
+    **{fn: OpRule("pool", spatial(3)) for fn in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
+                                                  F.adaptive_max_pool3d)},
+    **{op: OpRule("interpolate", spatial(None)) for op in (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d,
+                                                            nn.UpsamplingBilinear2d)},
+    **{cls: OpRule("spatial padding", spatial(1)) for cls in (nn.ZeroPad1d, nn.ConstantPad1d,
+                                                               nn.ReflectionPad1d, nn.ReplicationPad1d)},
+    **{cls: OpRule("spatial padding", spatial(2)) for cls in (nn.ZeroPad2d, nn.ConstantPad2d,
+                                                               nn.ReflectionPad2d, nn.ReplicationPad2d)},
+    **{cls: OpRule("spatial padding", spatial(3)) for cls in (nn.ZeroPad3d, nn.ConstantPad3d,
+                                                               nn.ReflectionPad3d, nn.ReplicationPad3d)},
+    F.pad: OpRule("pad", pad),
+    **{op: OpRule("reshape", reshape) for op in (torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten,
+                                                  Method("view"), Method("reshape"), Method("flatten"),
+                                                  Method("unflatten"), Method("view_as"), Method("reshape_as"))},
+    **{op: OpRule("permute", permute) for op in (torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
+                                                  Method("permute"), Method("transpose"), Method("swapaxes"),
+                                                  Method("movedim"))},
+    **{op: OpRule("squeeze", squeeze_unsqueeze) for op in (torch.squeeze, torch.unsqueeze, Method("squeeze"),
+                                                            Method("unsqueeze"))},
+    **{op: OpRule("expand", expand) for op in (Method("expand"), Method("expand_as"))},
+    **{op: OpRule(f"reduce {name}", reduce(name)) for name in ("mean", "sum", "amax", "amin", "std", "var")
+       for op in (getattr(torch, name), Method(name))},
+    **{op: OpRule("cat", cat) for op in (torch.cat, torch.concat, torch.concatenate)},
+    **{op: OpRule("split", split) for op in (torch.split, torch.chunk, Method("split"), Method("chunk"))},
+    operator.getitem: OpRule("getitem", getitem),
+    **{op: OpRule("channel shuffle", channel_shuffle) for op in (nn.ChannelShuffle, F.channel_shuffle,
+                                                                  torch.channel_shuffle)},
+    **{op: OpRule("shape query", shape_query) for op in (Method("size"), Method("dim"), Method("numel"), getattr)},
+}
