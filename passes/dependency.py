@@ -170,16 +170,21 @@ class RuleContext:
         """Pinned fresh layouts for whatever tensors this node returns."""
         shape = self.out_shape
         if shape is not None:
-            return self.fresh(default_channel_dim(shape), channel_width(shape), pinned=reason, zero=False)
+            return self._fresh_pinned(shape, reason)
         shapes = output_shapes(self.node)
         if shapes is not None:
-            return tuple(
-                self.fresh(default_channel_dim(s), channel_width(s), pinned=reason, zero=False)
-                if s is not None
-                else None
-                for s in shapes
-            )
+            return tuple(self._fresh_pinned(s, reason) if s is not None else None for s in shapes)
         return None
+
+    def _fresh_pinned(self, shape: torch.Size, reason: str) -> ChannelLayout:
+        # keep the channel dim of an input of the same rank, so later ops line up with it
+        dim = default_channel_dim(shape)
+        for lay in self.input_layouts():
+            if lay.dim < len(shape) and lay.width == shape[lay.dim]:
+                dim = lay.dim
+                break
+        width = int(shape[dim]) if len(shape) else 1
+        return self.fresh(dim, width, pinned=reason, zero=False)
 
     def param_slice(self, owner: str, name: str, dim: int, ids: np.ndarray, role: Role) -> None:
         self.facts.slices.append(ParamSlice(owner, name, dim, np.asarray(ids, dtype=np.int64), role, self.name))
@@ -216,6 +221,20 @@ def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
     target = node.target
     mod = getattr(target, "__module__", None) or ""
     return f"function {mod + '.' if mod else ''}{getattr(target, '__name__', str(target))}"
+
+
+def _fits(layout: Any, node: fx.Node) -> bool:
+    """A rule's answer agrees with the shapes shape propagation saw."""
+    if isinstance(layout, ChannelLayout):
+        shape = tensor_shape(node)
+        return shape is not None and layout.dim < len(shape) and shape[layout.dim] == layout.width
+    if isinstance(layout, (tuple, list)):
+        shapes = output_shapes(node)
+        return shapes is not None and len(shapes) == len(layout) and all(
+            lay is None or (s is not None and lay.dim < len(s) and s[lay.dim] == lay.width)
+            for lay, s in zip(layout, shapes, strict=True)
+        )
+    return True
 
 
 class ChannelDependencyPass:
@@ -257,7 +276,13 @@ class ChannelDependencyPass:
             reason = f"unknown op: {what}"
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
-        return rule.propagate(ctx)
+        out = rule.propagate(ctx)
+        if not _fits(out, node):
+            reason = f"rule '{rule.kind}' could not follow the channels of {describe_target(node, self.gm)}"
+            ctx.facts.unknown_ops[node.name] = reason
+            ctx.pin_inputs(reason)
+            return ctx.fresh_like_output(reason)
+        return out
 
     @staticmethod
     def _add_graph_node(facts: ChannelFacts, node: fx.Node, layout: Any) -> None:

@@ -421,7 +421,8 @@ def spatial(n_spatial: int | None, zero_preserving: bool = True) -> Callable[[Ru
         nd = _ndim(ctx, x)
         k = n_spatial if n_spatial is not None else max(nd - 2, 1)
         if lay.dim >= nd - k:
-            return _pinned_passthrough(ctx, lay, "pooling or resampling over the channel dim")
+            ctx.pin(lay.ids, "pooling or resampling over the channel dim")
+            return ctx.fresh_like_output("pooling or resampling over the channel dim")
         keeps = zero_preserving
         if ctx.module is not None and hasattr(ctx.module, "value"):  # ConstantPadNd
             keeps = ctx.module.value == 0
