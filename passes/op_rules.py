@@ -464,11 +464,10 @@ def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], 
     groups = reshape_groups(src, dst)
     if groups is None:
         return _pinned_passthrough(ctx, lay, "reshape that cannot be followed")
-    for in_dims, out_dims in groups:
-        if lay.dim in in_dims:
-            break
-    else:
+    match = next(((i, o) for i, o in groups if lay.dim in i), None)
+    if match is None:
         return _pinned_passthrough(ctx, lay, "reshape that cannot be followed")
+    in_dims, out_dims = match
     in_sizes = [src[d] for d in in_dims]
     out_sizes = [dst[d] for d in out_dims]
     if not out_sizes:

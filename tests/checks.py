@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.fx as fx
+from atofx.passes.channel_layout import ChannelLayout
 
 from atofx.model import ATOModel
-from atofx.passes.channel_layout import ChannelLayout
 
 
 class _Record(fx.Interpreter):
