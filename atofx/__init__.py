@@ -1,5 +1,6 @@
 """atofx: Auto-Train-Once structural pruning as a torch.fx compiler pass."""
 
+from atofx.counting import count_flops, count_params
 from atofx.errors import (
     AtofxError,
     EquivalenceError,
@@ -9,8 +10,10 @@ from atofx.errors import (
     TraceError,
     UnsafeCheckpointError,
 )
+from atofx.mask import Mask
 from atofx.model import ATOModel, compile
 from atofx.passes.zig_inference import ChannelSpace
+from atofx.serialization import load, save
 
 __all__ = [
     "ATOModel",
@@ -22,6 +25,11 @@ __all__ = [
     "ShapeError",
     "TraceError",
     "UnsafeCheckpointError",
+    "Mask",
     "compile",
+    "count_flops",
+    "count_params",
+    "load",
+    "save",
 ]
 __version__ = "0.1.0"

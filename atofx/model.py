@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from atofx.errors import AtofxError, ShapeError
+from atofx.errors import AtofxError, EquivalenceError, ShapeError
+from atofx.mask import Mask
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
+from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.flops import FlopsModel, FlopsProp
+from atofx.passes.rewrite import patch_literals, prune_copy
 from atofx.passes.tracing import LeafSpec, trace
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
+from atofx.serialization import example_inputs_of
+
+EQUIVALENCE_TOLERANCE = 1e-5
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -45,9 +53,11 @@ class _EvalNoGrad:
 class ATOModel:
     """A model traced by atofx: its graph, its ZIGs and channel spaces."""
 
-    def __init__(self, model: nn.Module, graph_module: fx.GraphModule):
+    def __init__(self, model: nn.Module, graph_module: fx.GraphModule, trace_options: dict[str, Any] | None = None):
         self.model = model
         self.graph_module = graph_module
+        self.trace_options = trace_options or {}
+        self.mask: Mask | None = None
         self.example_inputs: tuple | None = None
         self._facts: ChannelFacts | None = None
         self._zigs: ZIGSet | None = None
@@ -97,6 +107,63 @@ class ATOModel:
             self._flops = FlopsModel(self.graph_module, zigs)
         return self._flops
 
+    # ------------------------------------------------------------------ masks and pruning
+    def random_mask(self, keep: float = 0.5, seed: int = 0) -> Mask:
+        """Keep a random `keep` share of every prunable space (never all of a space dropped)."""
+        return Mask.random(self.zigs, keep, seed)
+
+    def flops(self, mask: Mask | None = None) -> float:
+        """FLOPs the model would have with `mask` applied (the dense count without one)."""
+        keep = mask.as_float() if mask is not None else {}
+        return float(self.flops_model(keep))
+
+    def apply_mask(self, mask: Mask) -> None:
+        """Zero, in place in the user's model, the parameters of every dropped ZIG."""
+        mask.validate(self.zigs)
+        zero_dropped(self.model, self.zigs, mask.component_keep(self.zigs))
+
+    def prune(self, mask: Mask | None = None, check: bool = True) -> nn.Module:
+        """A physically smaller copy of the model with the dropped channels removed.
+
+        With `check`, the pruned model must reproduce the masked model on the example inputs
+        (eval mode, relative max-abs difference <= 1e-5) or `EquivalenceError` names the first
+        layer that differs. The returned module keeps the user's classes unless a hard-coded
+        channel count in the graph had to change, in which case it is a GraphModule.
+        """
+        mask = mask if mask is not None else self.mask
+        if mask is None:
+            raise AtofxError("no mask to prune with: pass one (ato.random_mask(...)) or call ato.train(...) first.")
+        zigs = self.zigs
+        mask.validate(zigs)
+        keep = mask.component_keep(zigs)
+        small = prune_copy(self.model, zigs, keep)
+        patched = patch_literals(self.graph_module, small, zigs, keep)
+        if not check:
+            result = patched if patched is not None else small
+            example_inputs_of[result] = self.example_inputs
+            return result
+        reference = copy.deepcopy(self.model)
+        zero_dropped(reference, zigs, keep)
+        expected = run_eval(reference, self.example_inputs)
+        for candidate in (small, patched):
+            if candidate is None:
+                continue
+            try:
+                got = run_eval(candidate, self.example_inputs)
+            except Exception:
+                continue
+            if relative_difference(expected, got) <= EQUIVALENCE_TOLERANCE:
+                example_inputs_of[candidate] = self.example_inputs
+                return candidate
+        ref_gm = trace(reference, **self.trace_options)
+        new_gm = patched if patched is not None else trace(small, **self.trace_options)
+        where = first_divergence(ref_gm, new_gm, self.example_inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
+        raise EquivalenceError(
+            f"the pruned model differs from the masked model, first at {where}. This is an atofx bug or an op "
+            "rule that is wrong for this model: please report it; meanwhile keep the op opaque with "
+            "leaf_modules=[...] so its channels are pinned."
+        )
+
     # ------------------------------------------------------------------ presentation
     def report(self) -> str:
         """A table: space, width, producers, consumers, share of FLOPs, pinned and why."""
@@ -111,6 +178,19 @@ class ATOModel:
         return draw_spaces(self, Path(path))
 
 
+def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
+    """Zero the ZIG parameters ("out" slices) of every dropped ZIG, in place."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for s in zigs.slices:
+            if s.role != "out":
+                continue
+            drop = np.flatnonzero(~keep_comp[zigs.labels[s.ids]])
+            if drop.size:
+                t = tensors[f"{s.module}.{s.name}" if s.module else s.name]
+                t.index_fill_(s.dim, torch.as_tensor(drop, device=t.device), 0.0)
+
+
 def compile(
     model: nn.Module,
     example_inputs: Sequence[Any] | torch.Tensor | None = None,
@@ -121,7 +201,8 @@ def compile(
     """Trace `model` with torch.fx and, given example inputs, infer its zero-invariant groups."""
     if not isinstance(model, nn.Module):
         raise AtofxError(f"atofx.compile expects an nn.Module, got {type(model).__name__}.")
-    ato = ATOModel(model, trace(model, leaf_modules, concrete_args))
+    options = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    ato = ATOModel(model, trace(model, **options), options)
     if example_inputs is not None:
         ato.analyze(example_inputs)
     return ato

@@ -1,0 +1,62 @@
+"""Mask: one keep-bit per ZIG of every prunable channel space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atofx.errors import MaskError
+from atofx.passes.zig_inference import ZIGSet
+
+
+@dataclass
+class Mask:
+    """`bits[space.index]` is a bool vector of the space's width; True keeps the channel."""
+
+    bits: dict[int, torch.Tensor]
+
+    @classmethod
+    def ones(cls, zigs: ZIGSet) -> Mask:
+        return cls({s.index: torch.ones(s.width, dtype=torch.bool) for s in zigs.prunable})
+
+    @classmethod
+    def random(cls, zigs: ZIGSet, keep: float, seed: int = 0) -> Mask:
+        """Keep round(keep * width) random channels of every space, at least one."""
+        if not 0.0 < keep <= 1.0:
+            raise MaskError(f"keep must be in (0, 1], got {keep}.")
+        gen = torch.Generator().manual_seed(seed)
+        bits = {}
+        for s in zigs.prunable:
+            n = max(1, round(keep * s.width))
+            b = torch.zeros(s.width, dtype=torch.bool)
+            b[torch.randperm(s.width, generator=gen)[:n]] = True
+            bits[s.index] = b
+        return cls(bits)
+
+    def validate(self, zigs: ZIGSet) -> None:
+        """Raise MaskError unless every prunable space has a non-empty vector of its width."""
+        for s in zigs.prunable:
+            b = self.bits.get(s.index)
+            if b is None:
+                raise MaskError(f"the mask has no bits for space {s.index} ({s.name}); build it with ato.random_mask "
+                                "or Mask.ones(ato.zigs).")
+            if b.shape != (s.width,):
+                raise MaskError(f"space {s.index} ({s.name}) has width {s.width}, the mask gives {tuple(b.shape)}.")
+            if not bool(b.any()):
+                raise MaskError(f"the mask drops every channel of space {s.index} ({s.name}); keep at least one.")
+        extra = set(self.bits) - {s.index for s in zigs.prunable}
+        if extra:
+            raise MaskError(f"the mask names spaces {sorted(extra)} that are pinned or do not exist.")
+
+    def component_keep(self, zigs: ZIGSet) -> np.ndarray:
+        """One bool per ZIG id, True for pinned ZIGs."""
+        return zigs.keep_per_component({i: b.detach().cpu().numpy().astype(bool) for i, b in self.bits.items()})
+
+    def as_float(self, dtype: torch.dtype = torch.float64) -> dict[int, torch.Tensor]:
+        return {i: b.to(dtype) for i, b in self.bits.items()}
+
+    def kept_fraction(self) -> float:
+        total = sum(b.numel() for b in self.bits.values())
+        return sum(int(b.sum()) for b in self.bits.values()) / max(total, 1)
