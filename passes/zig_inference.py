@@ -91,10 +91,26 @@ def _signature_hash(pairs_comp: np.ndarray, pairs_node: np.ndarray, n_comp: int,
     return sig
 
 
+def _shared_slice_pairs(facts: ChannelFacts) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A parameter sliced twice along one dim (a layer called twice) indexes the same rows both times."""
+    first: dict[tuple[str, str, int], np.ndarray] = {}
+    a: list[np.ndarray] = []
+    b: list[np.ndarray] = []
+    for s in facts.slices:
+        key = (s.module, s.name, s.dim)
+        if key in first and len(first[key]) == len(s.ids):
+            a.append(first[key])
+            b.append(s.ids)
+        first.setdefault(key, s.ids)
+    return a, b
+
+
 def infer_zigs(facts: ChannelFacts) -> ZIGSet:
     """Group elements into ZIGs and ZIGs into channel spaces."""
     n = facts.n_elements
     a, b = facts.union_pairs()
+    shared_a, shared_b = _shared_slice_pairs(facts)
+    a, b = np.concatenate([a, *shared_a]), np.concatenate([b, *shared_b])
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     n_comp, labels = connected_components(graph, directed=False)
     labels = labels.astype(np.int64)

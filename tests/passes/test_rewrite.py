@@ -1,0 +1,153 @@
+"""Invariants 2 and 3 for the rewrite pass: pruned == masked, FLOPs model == counted FLOPs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from atofx.passes import op_rules
+from atofx.passes.equivalence import relative_difference, run_eval
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import atofx
+from tests.strategies import random_cnns
+
+TOL = 1e-5
+
+
+def prune_and_compare(model: nn.Module, x: torch.Tensor, keep: float, seed: int) -> tuple[atofx.ATOModel, nn.Module]:
+    """Prune a copy with a random mask; assert equal outputs and exact FLOPs bookkeeping."""
+    ato = atofx.compile(model, (x,))
+    if not ato.zigs.prunable:
+        return ato, model
+    mask = ato.random_mask(keep=keep, seed=seed)
+    small = ato.prune(mask)  # check=True already raises EquivalenceError on a mismatch
+    reference = copy.deepcopy(model)
+    atofx.compile(reference, (x,)).apply_mask(mask)
+    assert relative_difference(run_eval(reference, (x,)), run_eval(small, (x,))) <= TOL
+    counted = atofx.count_flops(small, (x,))
+    predicted = ato.flops(mask)
+    assert abs(predicted - counted) <= 0.01 * max(counted, 1)
+    return ato, small
+
+
+@given(random_cnns(), st.floats(0.2, 0.9), st.integers(0, 2**16))
+def test_random_cnn_prunes_to_the_masked_model(model_and_input, keep, seed):
+    model, x = model_and_input
+    prune_and_compare(model, x, keep, seed)
+
+
+SLICE = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5",
+         "regnet_x_400mf", "regnet_y_400mf", "resnext50_32x4d", "squeezenet1_1", "convnext_tiny", "googlenet",
+         "mnasnet0_5"]
+
+
+def _zoo_input(name: str, size: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    side = 299 if name == "inception_v3" else size
+    return torch.randn(2, 3, side, side)
+
+
+def _zoo_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    for m in model.modules():  # non-trivial BN statistics, so a wrong slice shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("name", SLICE)
+def test_torchvision_slice_prunes_equivalently(name):
+    ato, small = prune_and_compare(_zoo_model(name), _zoo_input(name, 32), keep=0.67, seed=1)
+    assert ato.zigs.prunable, f"{name} has nothing to prune"
+
+
+CNNS = [m for m in torchvision.models.list_models(module=torchvision.models)
+        if not m.startswith(("vit", "swin", "maxvit"))]
+
+
+@pytest.mark.zoo_full
+@pytest.mark.parametrize("name", CNNS)
+def test_every_torchvision_cnn_prunes_equivalently(name):
+    prune_and_compare(_zoo_model(name), _zoo_input(name, 224)[:1], keep=0.67, seed=0)
+
+
+def test_resnet50_residual_streams_shrink_so_flops_fall_quadratically():
+    model, x = _zoo_model("resnet50"), _zoo_input("resnet50", 64)
+    ato, small = prune_and_compare(model, x, keep=0.67, seed=0)
+    ratio = atofx.count_flops(small, (x,)) / atofx.count_flops(model, (x,))
+    assert 0.40 <= ratio <= 0.50, ratio  # ~0.67^2, not ~0.67
+    assert small.conv1.out_channels < 64 and small.fc.in_features < 2048
+    assert type(small) is type(model)
+
+
+class _Literals(nn.Module):
+    """Hard-coded channel counts: a split by sizes, a channel slice and a view feeding a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 1)
+        self.c = nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        p, q = torch.split(y, [4, 4], dim=1)
+        z = self.b(p) + self.c(q)
+        z = F.adaptive_avg_pool2d(z[:, 0:6], 4)
+        return self.fc(z.view(-1, 96))
+
+
+def test_hard_coded_channel_counts_are_rewritten_in_a_graph_module():
+    torch.manual_seed(0)
+    model, x = _Literals().eval(), torch.randn(2, 3, 8, 8)
+    ato, small = prune_and_compare(model, x, keep=0.5, seed=3)
+    assert isinstance(small, torch.fx.GraphModule)
+    assert small.fc.in_features < 96
+
+
+def test_apply_mask_zeroes_the_users_model_in_place_and_matches_the_pruned_model():
+    model, x = _zoo_model("resnet18"), _zoo_input("resnet18", 32)
+    ato = atofx.compile(model, (x,))
+    mask = ato.random_mask(keep=0.5, seed=0)
+    small = ato.prune(mask)
+    ato.apply_mask(mask)
+    assert model.conv1.weight.abs().sum(dim=(1, 2, 3)).eq(0).sum() == 64 - int(mask.bits[1].sum())
+    assert torch.allclose(model.eval()(x), small.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_rule_is_caught_by_the_equivalence_check(monkeypatch):
+    class Flip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.flip(self.a(x), dims=[1]))
+
+    # pretend a flip of the channels were elementwise: a wrong prune the check must refuse
+    monkeypatch.setitem(op_rules.RULES, torch.flip, op_rules.OpRule("elementwise", op_rules.unary(True)))
+    ato = atofx.compile(Flip().eval(), (torch.randn(1, 3, 4, 4),))
+    with pytest.raises(atofx.EquivalenceError, match="first at flip"):
+        ato.prune(ato.random_mask(keep=0.5, seed=0))
+
+
+def test_masks_that_do_not_fit_are_refused():
+    ato = atofx.compile(_zoo_model("resnet18"), (_zoo_input("resnet18", 32),))
+    mask = ato.random_mask(keep=0.5)
+    mask.bits[1] = torch.zeros_like(mask.bits[1])
+    with pytest.raises(atofx.MaskError, match="drops every channel"):
+        ato.prune(mask)
+    with pytest.raises(atofx.MaskError, match="keep must be"):
+        ato.random_mask(keep=0.0)
+    with pytest.raises(atofx.AtofxError, match="no mask"):
+        ato.prune()
