@@ -22,6 +22,7 @@ from atofx.passes.rewrite import patch_literals, prune_copy
 from atofx.passes.tracing import LeafSpec, trace
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
 from atofx.serialization import example_inputs_of
+from atofx.trainer import ATOConfig, ATOTrainer, fit, split_batch
 
 EQUIVALENCE_TOLERANCE = 1e-5
 
@@ -164,6 +165,90 @@ class ATOModel:
             "leaf_modules=[...] so its channels are pinned."
         )
 
+    # ------------------------------------------------------------------ training
+    def start_training(self, epochs: int, target_flops: float, device: str | torch.device | None = None,
+                       **config: Any) -> ATOTrainer:
+        """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch."""
+        if self._zigs is None:
+            raise AtofxError("analyse the model first: atofx.compile(model, example_inputs) or ato.analyze(batch).")
+        if epochs < 1:
+            raise AtofxError(f"epochs must be at least 1, got {epochs}.")
+        dev = resolve_device(device, self.model)
+        self.model.to(dev)
+        self._trainer = ATOTrainer(self, ATOConfig(target_flops=target_flops, **config), epochs, dev)
+        return self._trainer
+
+    def _active(self) -> ATOTrainer:
+        if getattr(self, "_trainer", None) is None:
+            raise AtofxError("no training run: call ato.train(...) or ato.start_training(...) first.")
+        return self._trainer
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """ATO's projection; call it right after every `optimizer.step()` of your own loop."""
+        self._active().after_optimizer_step(optimizer)
+
+    def controller_step(self, batch: Any, loss_fn: Any = None) -> dict[str, float]:
+        """One controller update on an (inputs, targets) batch of D_CN; a no-op outside the window."""
+        return self._active().controller_step(batch, loss_fn)
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Close epoch `epoch` (0-based) of your own loop; updates `ato.mask`."""
+        info = self._active().end_epoch(epoch)
+        self.mask = self._active().final_mask()
+        return info
+
+    def train(
+        self,
+        train_loader: Any,
+        epochs: int,
+        *,
+        target_flops: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        loss_fn: Any = None,
+        val_loader: Any = None,
+        lam: float = 10.0,
+        gamma: float = 4.0,
+        warmup: float = 0.2,
+        controller_window: tuple[float, float] = (0.1, 0.5),
+        controller_data: float = 0.05,
+        projection: str = "prox",
+        method: str = "ato",
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        seed: int = 0,
+        log_path: str | Path | None = None,
+        progress: bool = True,
+        **config: Any,
+    ) -> list[dict[str, Any]]:
+        """Train once with ATO; afterwards `ato.mask` is set and `ato.prune()` gives the small model.
+
+        Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
+        optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
+        """
+        torch.manual_seed(seed)
+        if self._zigs is None:
+            first = next(iter(train_loader), None)
+            if first is None:
+                raise AtofxError("the training loader yielded no batch.")
+            inputs, _ = split_batch(first)
+            self.analyze(tuple(x[:1] for x in inputs))
+        trainer = self.start_training(
+            epochs, target_flops, device, lam=lam, gamma=gamma, warmup=warmup, controller_window=controller_window,
+            controller_data=controller_data, projection=projection, method=method, seed=seed, **config)
+        if optimizer is None:
+            from atofx.plain_training import default_optimizer
+
+            optimizer, default_schedule = default_optimizer(self.model, epochs)
+            scheduler = scheduler or default_schedule
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        log = Path(log_path) if log_path is not None else (folder / "log.jsonl" if folder is not None else None)
+        history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
+                      val_loader, folder, log, amp, progress)
+        self.mask = trainer.final_mask()
+        return history
+
     # ------------------------------------------------------------------ presentation
     def report(self) -> str:
         """A table: space, width, producers, consumers, share of FLOPs, pinned and why."""
@@ -176,6 +261,19 @@ class ATOModel:
         from atofx.visualize import draw_spaces
 
         return draw_spaces(self, Path(path))
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """'auto' picks CUDA when present; None keeps the model where it is; CUDA without a GPU is refused."""
+    if device is None:
+        p = next(model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AtofxError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'.")
+    return dev
 
 
 def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:

@@ -35,6 +35,10 @@ def relative_difference(a: Any, b: Any) -> float:
 
 
 def run_eval(model: nn.Module, inputs: tuple) -> Any:
+    """Eval-mode, no-grad forward on the model's own device."""
+    p = next(model.parameters(), None)
+    if p is not None:
+        inputs = tuple(x.to(p.device) if isinstance(x, torch.Tensor) else x for x in inputs)
     was = model.training
     model.eval()
     try:

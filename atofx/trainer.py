@@ -1,0 +1,412 @@
+"""Auto-Train-Once (Algorithms 1 and 2): train the model and a controller that picks its mask.
+
+Every mini-batch the target model takes an ordinary optimiser step, then (after warm-up) a
+group projection shrinks the ZIGs the controller drops (lambda_g = lambda * (1 - w_g)).
+Inside the controller window, the controller is trained on a small fixed subset of the data
+(D_CN) through the mask nodes, with loss CE + gamma * R_FLOPs. After the window the mask is
+frozen, lambda rises, and at the end the dropped ZIGs are exactly zero, so the trained model
+equals its pruned version. `method="static"` is the OTO-style baseline: one mask chosen by
+group-norm saliency at the window start, never changed.
+
+Controller steps run the model in eval mode (running BN statistics are not disturbed by
+masked activations) with the model's parameters frozen; only the controller learns.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from atofx import checkpoint as ckpt
+from atofx.controller import Controller, Masks
+from atofx.errors import AtofxError, ShapeError
+from atofx.flops_regularizer import controller_loss
+from atofx.mask import Mask
+from atofx.passes.instrument import instrument
+from atofx.projection import ZIGParams
+
+if TYPE_CHECKING:
+    from atofx.model import ATOModel
+
+
+@dataclass
+class ATOConfig:
+    """Hyper-parameters of one ATO run (paper defaults)."""
+
+    target_flops: float = 0.5  # fraction of the dense FLOPs kept
+    lam: float = 10.0
+    gamma: float = 4.0
+    warmup: float = 0.2  # share of epochs before projections start (T_w)
+    controller_window: tuple[float, float] = (0.1, 0.5)  # (T_start, T_end) as shares of epochs
+    controller_data: float = 0.05  # share of the training set in D_CN
+    controller_lr: float = 1e-3
+    controller_epochs: int = 1  # passes over D_CN per epoch in the window
+    projection: str = "prox"  # "prox" (Eq. 3) or "hsp" (Eq. 2)
+    method: str = "ato"  # "ato" or "static"
+    tau: float = 0.4
+    offset: float = 3.0
+    lam_boost: float = 10.0  # lambda multiplier reached at the last epoch once the mask is frozen
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 < self.target_flops <= 1.0:
+            raise AtofxError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")
+        if self.method not in ("ato", "static"):
+            raise AtofxError(f"method must be 'ato' or 'static', got {self.method!r}.")
+        if self.projection not in ("prox", "hsp"):
+            raise AtofxError(f"projection must be 'prox' or 'hsp', got {self.projection!r}.")
+        start, end = self.controller_window
+        if not 0.0 <= start < end <= 1.0:
+            raise AtofxError(f"controller_window must satisfy 0 <= start < end <= 1, got {self.controller_window}.")
+        if not 0.0 < self.controller_data <= 1.0:
+            raise AtofxError(f"controller_data must be in (0, 1], got {self.controller_data}.")
+
+
+@dataclass
+class Phases:
+    """Epoch boundaries of a run: warm-up end, controller window start and end."""
+
+    epochs: int
+    warmup: int
+    start: int
+    end: int
+
+    @classmethod
+    def of(cls, config: ATOConfig, epochs: int) -> Phases:
+        start = min(round(config.controller_window[0] * epochs), epochs - 1)
+        end = min(max(round(config.controller_window[1] * epochs), start + 1), epochs)
+        return cls(epochs, round(config.warmup * epochs), start, end)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    frozen: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def split_batch(batch: Any) -> tuple[tuple, Tensor]:
+    """(model inputs, targets) from a `(inputs, targets)` batch."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ShapeError("each batch must be an (inputs, targets) pair; wrap your dataset to yield that.")
+    x, y = batch
+    return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
+
+
+class ATOTrainer:
+    """The state of one ATO run over an analysed `ATOModel`, step by step."""
+
+    def __init__(self, ato: ATOModel, config: ATOConfig, epochs: int, device: torch.device):
+        config.validate()
+        self.ato, self.config, self.device = ato, config, device
+        self.phases = Phases.of(config, epochs)
+        zigs = ato.zigs
+        if not zigs.prunable:
+            from atofx.errors import NoPrunableSpaceError
+
+            raise NoPrunableSpaceError(
+                "the model has no prunable channel space; ato.report() lists why each one is pinned.")
+        self.gm = fx.GraphModule(ato.graph_module, copy.deepcopy(ato.graph_module.graph))
+        self.slots = instrument(self.gm, zigs)
+        self.gm.to(device)
+        self.params = ZIGParams.of(ato)
+        self.flops = ato.flops_model
+        self.controller = Controller.from_zigs(zigs, seed=config.seed).to(device)
+        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=config.controller_lr)
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.mask: Masks = {s.index: torch.ones(s.width, device=device) for s in zigs.prunable}
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ the three user-facing steps
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Project the dropped ZIGs after an optimiser step (no-op during warm-up)."""
+        if self.state.epoch < self.phases.warmup:
+            return
+        lam = self.params.group_lambdas(self.mask, self.lam_now())
+        lr = self.params.step_size(optimizer)
+        if self.config.projection == "prox":
+            self.params.proximal_group_lasso_(lam, lr)
+        else:
+            self.params.half_space_project_(lam, lr)
+
+    def controller_step(self, batch: Any, loss_fn: Callable[[Any, Tensor], Tensor] | None = None) -> dict[str, float]:
+        """One controller update on a D_CN batch (no-op outside the controller window)."""
+        if not self.in_window():
+            return {}
+        inputs, targets = split_batch(_to(batch, self.device))
+        loss_fn = loss_fn or nn.functional.cross_entropy
+        masks = self.controller.sample(hard=True, tau=self.config.tau, offset=self.config.offset,
+                                       generator=self.generator)
+        self.slots.set(self.flops.keep_vector(masks))
+        model_params = [p for p in self.gm.parameters() if p.requires_grad]
+        was_training = self.gm.training
+        try:
+            for p in model_params:
+                p.requires_grad_(False)
+            self.gm.eval()
+            task = loss_fn(self.gm(*inputs), targets)
+            p = self.flops(masks)
+            loss = controller_loss(task, p, self.config.target_flops, self.flops.total, self.config.gamma)
+            self.controller_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.controller_opt.step()
+        finally:
+            self.slots.set(None)
+            self.gm.train(was_training)
+            for p_ in model_params:
+                p_.requires_grad_(True)
+        self.mask = self.controller.mask(self.config.offset)
+        return {"controller_loss": float(loss.detach()), "sampled_flops_kept": float(p.detach()) / self.flops.total}
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Close epoch `epoch` (0-based): pick, freeze or finalise the mask as the schedule says."""
+        self.state.epoch = epoch + 1
+        ph = self.phases
+        if self.config.method == "static" and self.state.epoch == ph.start:
+            self.mask = self.saliency_mask()
+        if self.state.epoch >= ph.end and not self.state.frozen:
+            self.state.frozen = True
+        if self.state.epoch >= ph.epochs:
+            self.params.zero_(self.params.keep_vector(self.mask) == 0)
+        return {"frozen": self.state.frozen, "flops_kept": self.flops_kept()}
+
+    # ------------------------------------------------------------------ helpers
+    def in_window(self) -> bool:
+        ph = self.phases
+        return self.config.method == "ato" and ph.start <= self.state.epoch < ph.end and not self.state.frozen
+
+    def lam_now(self) -> float:
+        if not self.state.frozen:
+            return self.config.lam
+        ph = self.phases
+        progress = (self.state.epoch - ph.end + 1) / max(ph.epochs - ph.end, 1)
+        return self.config.lam * (1.0 + (self.config.lam_boost - 1.0) * min(progress, 1.0))
+
+    def flops_kept(self) -> float:
+        return float(self.flops({k: v.double() for k, v in self.mask.items()})) / self.flops.total
+
+    def final_mask(self) -> Mask:
+        return Mask({k: v.detach().cpu().bool() for k, v in self.mask.items()})
+
+    @torch.no_grad()
+    def saliency_mask(self) -> Masks:
+        """Static baseline: keep the ZIGs of largest relative group norm until the FLOPs target is met."""
+        norms = self.params.group_norms()
+        rel = {}
+        for s in self.ato.zigs.prunable:
+            n = norms[torch.as_tensor(s.components, device=norms.device)]
+            rel[s.index] = n / n.mean().clamp_min(1e-12)
+
+        def mask_at(t: float) -> Masks:
+            out = {}
+            for k, r in rel.items():
+                m = (r >= t).to(torch.float64)
+                m[r.argmax()] = 1.0
+                out[k] = m
+            return out
+
+        lo, hi = 0.0, max(float(r.max()) for r in rel.values()) + 1.0
+        target = self.config.target_flops * self.flops.total
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if float(self.flops(mask_at(mid))) > target:
+                lo = mid
+            else:
+                hi = mid
+        return {k: v.to(self.device, torch.float32) for k, v in mask_at(hi).items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def fingerprint(self, n_batches: int) -> dict[str, Any]:
+        shapes = [(k, tuple(v.shape)) for k, v in self.ato.model.state_dict().items()]
+        return {"model": str(hash(tuple(shapes))), "config": json.dumps(asdict(self.config), sort_keys=True),
+                "epochs": self.phases.epochs, "batches_per_epoch": n_batches}
+
+    def state_dict(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+        return {
+            "model": self.ato.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "controller": self.controller.state_dict(),
+            "controller_opt": self.controller_opt.state_dict(),
+            "mask": {str(k): v.cpu() for k, v in self.mask.items()},
+            "epoch": self.state.epoch,
+            "frozen": self.state.frozen,
+            "history": self.state.history,
+            "generator": self.generator.get_state(),
+            "rng": ckpt.rng_state(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        self.ato.model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None and saved["scheduler"] is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        self.controller.load_state_dict(saved["controller"])
+        self.controller_opt.load_state_dict(saved["controller_opt"])
+        self.mask = {int(k): v.to(self.device) for k, v in saved["mask"].items()}
+        self.state = TrainState(saved["epoch"], saved["frozen"], list(saved["history"]))
+        self.generator.set_state(saved["generator"])
+        ckpt.set_rng_state(saved["rng"])
+
+
+def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader:
+    """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`."""
+    dataset = loader.dataset
+    n = len(dataset)
+    gen = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randperm(n, generator=gen)[: max(1, math.ceil(share * n))].tolist()
+    return DataLoader(Subset(dataset, idx), batch_size=loader.batch_size or 1, shuffle=True,
+                      collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed + 2))
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             loss_fn: Callable[[Any, Tensor], Tensor]) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (%) in eval mode."""
+    was = model.training
+    model.eval()
+    total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
+    with torch.no_grad():
+        for batch in loader:
+            inputs, targets = split_batch(_to(batch, device))
+            out = model(*inputs)
+            loss_sum += loss_fn(out, targets) * len(targets)
+            correct += (out.argmax(dim=-1) == targets).sum()
+            total += len(targets)
+    model.train(was)
+    if total == 0:
+        raise AtofxError("the validation loader yielded no batch.")
+    return {"loss": float(loss_sum) / total, "accuracy": 100.0 * float(correct) / total}
+
+
+def fit(
+    trainer: ATOTrainer,
+    train_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    val_loader: Iterable | None,
+    checkpoint_dir: Path | None,
+    log_path: Path | None,
+    amp: bool,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the whole schedule; returns one record per epoch."""
+    device, ph = trainer.device, trainer.phases
+    n_batches = len(train_loader)
+    if n_batches == 0:
+        raise AtofxError("the training loader yielded no batch; check the dataset and batch_size/drop_last.")
+    fingerprint = trainer.fingerprint(n_batches)
+    if checkpoint_dir is not None:
+        saved, note = ckpt.read_latest(checkpoint_dir)
+        if note:
+            tqdm.write(f"atofx: {note}")
+        if saved is not None:
+            ckpt.check_compatible(saved, fingerprint, checkpoint_dir)
+            trainer.load_state_dict(saved, optimizer, scheduler)
+            if log_path is not None:
+                log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
+    cn_loader = controller_subset(train_loader, trainer.config.controller_data, trainer.config.seed) \
+        if trainer.config.method == "ato" else None
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    model = trainer.gm
+    model.train()
+    for epoch in range(trainer.state.epoch, ph.epochs):
+        started = time.perf_counter()
+        before = {k: v.clone() for k, v in trainer.mask.items()}
+        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{ph.epochs}", leave=False, disable=not progress)
+        for step, batch in enumerate(bar):
+            inputs, targets = split_batch(_to(batch, device))
+            with torch.autocast(device.type, enabled=use_amp):
+                out = model(*inputs)
+                loss = loss_fn(out, targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            trainer.after_optimizer_step(optimizer)
+            loss_sum += loss.detach() * len(targets)
+            correct += (out.detach().argmax(dim=-1) == targets).sum()
+            seen += len(targets)
+            if progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
+                                flops=f"{trainer.flops_kept():.2f}")
+        if scheduler is not None:
+            scheduler.step()
+        train_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(train_loss):
+            last = checkpoint_dir / ckpt.CHECKPOINT if checkpoint_dir is not None else None
+            raise AtofxError(
+                f"the training loss became {train_loss} in epoch {epoch + 1}; training stopped. "
+                + (f"The last good checkpoint is {last} (epoch {trainer.state.epoch}). " if last else "")
+                + "Lower the learning rate or check the data."
+            )
+        ctrl: list[dict[str, float]] = []
+        if cn_loader is not None and trainer.in_window():
+            for _ in range(trainer.config.controller_epochs):
+                ctrl.extend(trainer.controller_step(b, loss_fn) for b in cn_loader)
+        info = trainer.end_epoch(epoch)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_accuracy": 100.0 * float(correct) / max(seen, 1),
+            "flops_kept": info["flops_kept"],
+            "controller_loss": sum(c["controller_loss"] for c in ctrl) / len(ctrl) if ctrl else None,
+            "mask_bits_changed": int(sum(int((trainer.mask[k] != before[k]).sum()) for k in before)),
+            "mask_frozen": info["frozen"],
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        if val_loader is not None:
+            val = evaluate(model, val_loader, device, loss_fn)
+            record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        record["seconds"] = time.perf_counter() - started
+        trainer.state.history.append(record)
+        if progress:
+            tqdm.write(_epoch_line(record))
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if checkpoint_dir is not None:
+            payload = trainer.state_dict(optimizer, scheduler) | {"fingerprint": fingerprint}
+            ckpt.write(checkpoint_dir, payload)
+    return trainer.state.history
+
+
+def _epoch_line(r: dict[str, Any]) -> str:
+    parts = [f"epoch {r['epoch']:3d}", f"loss {r['train_loss']:.3f}", f"acc {r['train_accuracy']:.1f}%"]
+    if "val_accuracy" in r:
+        parts.append(f"val {r['val_accuracy']:.1f}%")
+    parts.append(f"FLOPs kept {r['flops_kept']:.3f}")
+    if r["controller_loss"] is not None:
+        parts.append(f"ctrl {r['controller_loss']:.3f}")
+    if r["mask_frozen"]:
+        parts.append("mask frozen")
+    return "  ".join(parts)
