@@ -300,6 +300,47 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     return {"loss": float(loss_sum) / total, "accuracy": 100.0 * float(correct) / total}
 
 
+def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    loss_fn: Callable[[Any, Tensor], Tensor], scaler: Any = None, progress: bool = False,
+                    desc: str = "") -> tuple[float, float]:
+    """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %)."""
+    device, model = trainer.device, trainer.gm
+    model.train()
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    for step, batch in enumerate(bar):
+        inputs, targets = split_batch(_to(batch, device))
+        with torch.autocast(device.type, enabled=scaler is not None):
+            out = model(*inputs)
+            loss = loss_fn(out, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        trainer.after_optimizer_step(optimizer)
+        loss_sum += loss.detach() * len(targets)
+        correct += (out.detach().argmax(dim=-1) == targets).sum()
+        seen += len(targets)
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
+                            flops=f"{trainer.flops_kept():.2f}")
+    return float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
+
+
+def controller_epoch(trainer: ATOTrainer, cn_loader: Iterable,
+                     loss_fn: Callable[[Any, Tensor], Tensor]) -> list[dict[str, float]]:
+    """The controller's passes over D_CN for this epoch (nothing outside the window)."""
+    steps: list[dict[str, float]] = []
+    if trainer.in_window():
+        for _ in range(trainer.config.controller_epochs):
+            steps.extend(trainer.controller_step(b, loss_fn) for b in cn_loader)
+    return steps
+
+
 def fit(
     trainer: ATOTrainer,
     train_loader: DataLoader,
@@ -329,38 +370,15 @@ def fit(
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
     cn_loader = controller_subset(train_loader, trainer.config.controller_data, trainer.config.seed) \
         if trainer.config.method == "ato" else None
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
     model = trainer.gm
-    model.train()
     for epoch in range(trainer.state.epoch, ph.epochs):
         started = time.perf_counter()
         before = {k: v.clone() for k, v in trainer.mask.items()}
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{ph.epochs}", leave=False, disable=not progress)
-        for step, batch in enumerate(bar):
-            inputs, targets = split_batch(_to(batch, device))
-            with torch.autocast(device.type, enabled=use_amp):
-                out = model(*inputs)
-                loss = loss_fn(out, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            trainer.after_optimizer_step(optimizer)
-            loss_sum += loss.detach() * len(targets)
-            correct += (out.detach().argmax(dim=-1) == targets).sum()
-            seen += len(targets)
-            if progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
-                                flops=f"{trainer.flops_kept():.2f}")
+        train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, scaler, progress,
+                                                f"epoch {epoch + 1}/{ph.epochs}")
         if scheduler is not None:
             scheduler.step()
-        train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             last = checkpoint_dir / ckpt.CHECKPOINT if checkpoint_dir is not None else None
             raise AtofxError(
@@ -368,15 +386,12 @@ def fit(
                 + (f"The last good checkpoint is {last} (epoch {trainer.state.epoch}). " if last else "")
                 + "Lower the learning rate or check the data."
             )
-        ctrl: list[dict[str, float]] = []
-        if cn_loader is not None and trainer.in_window():
-            for _ in range(trainer.config.controller_epochs):
-                ctrl.extend(trainer.controller_step(b, loss_fn) for b in cn_loader)
+        ctrl = controller_epoch(trainer, cn_loader, loss_fn) if cn_loader is not None else []
         info = trainer.end_epoch(epoch)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            "train_accuracy": 100.0 * float(correct) / max(seen, 1),
+            "train_accuracy": train_acc,
             "flops_kept": info["flops_kept"],
             "controller_loss": sum(c["controller_loss"] for c in ctrl) / len(ctrl) if ctrl else None,
             "mask_bits_changed": int(sum(int((trainer.mask[k] != before[k]).sum()) for k in before)),
