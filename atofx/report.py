@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns under a dashed rule, trailing spaces stripped."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -24,14 +25,25 @@ def _names(items: list[str], limit: int = 3) -> str:
     return shown + (f" +{len(items) - limit}" if len(items) > limit else "")
 
 
-def spaces_table(ato: ATOModel) -> str:
-    zigs = ato.zigs
+def space_records(ato: ATOModel) -> list[dict[str, object]]:
+    """One plain dict per channel space (what the table shows, untruncated): for JSON and for tests."""
     share = ato.flops_model.space_share()
+    return [
+        {"index": s.index, "name": s.name, "width": s.width, "producers": list(s.producers),
+         "consumers": list(s.consumers), "flops_share": share.get(s.index, 0.0), "pinned": s.pinned,
+         "reason": s.reason}
+        for s in ato.zigs.spaces
+    ]
+
+
+def spaces_table(ato: ATOModel) -> str:
+    """The `ato.report()` table: one row per space, then a summary line (and the unknown ops, if any)."""
+    zigs = ato.zigs
     rows = []
-    for s in zigs.spaces:
-        status = "prunable" if not s.pinned else f"pinned: {s.reason}"
-        rows.append([s.index, s.name, s.width, _names(s.producers), _names(s.consumers),
-                     f"{100 * share.get(s.index, 0.0):.1f}%", status])
+    for r in space_records(ato):
+        status = f"pinned: {r['reason']}" if r["pinned"] else "prunable"
+        rows.append([r["index"], r["name"], r["width"], _names(r["producers"]), _names(r["consumers"]),
+                     f"{100 * r['flops_share']:.1f}%", status])
     n_prunable = len(zigs.prunable)
     prunable_width = sum(s.width for s in zigs.prunable)
     unknown = sorted(set(zigs.facts.unknown_ops.values()))

@@ -97,7 +97,10 @@ def unary(zero_preserving: bool | Callable[[RuleContext], bool]) -> Callable[[Ru
 
 def _hardtanh_keeps_zero(ctx: RuleContext) -> bool:
     m = ctx.module
-    return m.min_val <= 0 <= m.max_val
+    if m is not None:
+        return m.min_val <= 0 <= m.max_val
+    lo, hi = ctx.arg(1, "min_val", -1.0), ctx.arg(2, "max_val", 1.0)
+    return not isinstance(lo, fx.Node) and not isinstance(hi, fx.Node) and lo <= 0 <= hi
 
 
 def _clamp_keeps_zero(ctx: RuleContext) -> bool:
@@ -135,7 +138,7 @@ def binary(kind: str) -> Callable[[RuleContext], Any]:
     def propagate(ctx: RuleContext) -> Any:
         out_shape = ctx.out_shape
         if out_shape is None:
-            return None
+            return _sequence_op(ctx, kind)
         operands = [ctx.arg(0, "input"), ctx.arg(1, "other")]
         ops = [_Operand(v, ctx.layout(v), ctx.shape(v)) for v in operands]
         nd = len(out_shape)
@@ -165,6 +168,7 @@ def binary(kind: str) -> Callable[[RuleContext], Any]:
             zero = np.logical_and.reduce(zeros) if kind in ("add", "sub") else zeros[0].copy()
         if kind == "div" and any(i == 1 for i, _ in tracked):
             ctx.pin(lead.ids, "a channel used as a divisor")
+            zero = np.zeros_like(zero)
         for i, o in enumerate(ops):
             if o.layout is not None and o.layout.width == width:
                 continue
@@ -174,6 +178,25 @@ def binary(kind: str) -> Callable[[RuleContext], Any]:
     return propagate
 
 
+def _as_sequence(ctx: RuleContext, value: Any) -> list | None:
+    """Layouts of a tuple-valued node or of a Python tuple/list of nodes; None for anything else."""
+    if isinstance(value, fx.Node):
+        found = ctx.facts.layouts.get(value.name)
+        return list(found) if isinstance(found, (tuple, list)) else None
+    if isinstance(value, (tuple, list)):
+        return [ctx.layout(v) for v in value]
+    return None
+
+
+def _sequence_op(ctx: RuleContext, kind: str) -> Any:
+    """`+` on tuples (e.g. `parts[1:] + parts[:1]`) concatenates them; other sequence arithmetic pins."""
+    seqs = [_as_sequence(ctx, ctx.arg(i, n)) for i, n in ((0, "input"), (1, "other"))]
+    if kind == "add" and all(x is not None for x in seqs):
+        return tuple(seqs[0] + seqs[1])
+    ctx.pin_inputs(f"{kind} on a sequence of tensors")
+    return None
+
+
 def _untracked_operand(
     ctx: RuleContext, kind: str, index: int, o: _Operand, dim: int, nd: int, width: int,
     lead: ChannelLayout, zero: np.ndarray,
@@ -181,6 +204,7 @@ def _untracked_operand(
     """Effect of a scalar, constant or parameter operand on the tracked channels."""
     if kind == "div" and index == 0:  # something divided by the channel
         ctx.pin(lead.ids, "a channel used as a divisor")
+        return np.zeros_like(zero)
     if o.shape is None:  # a Python number or size arithmetic
         nonzero = isinstance(o.value, fx.Node) or o.value != 0
         return np.zeros_like(zero) if kind in ("add", "sub") and nonzero else zero
@@ -308,49 +332,65 @@ def linear(ctx: RuleContext) -> Any:
     return out
 
 
-def _per_channel_norm(ctx: RuleContext, affine_names: tuple[str | None, str | None],
+_Ref = tuple[str, bool]  # (attribute name, is a parameter)
+
+
+def _per_channel_norm(ctx: RuleContext, affine: tuple[_Ref | None, _Ref | None],
                       stat_names: tuple[str | None, str | None], owner: str, zero_if_plain: bool) -> Any:
+    """Per-channel statistics and affine parameters; a parameter weight/bias is part of the ZIG."""
     lay = ctx.layout(ctx.arg(0, "input"))
     if lay is None:
         return None
     if lay.dim != 1:
         return _pinned_passthrough(ctx, lay, "normalisation over a dim that is not the tracked channel dim")
-    weight, bias = affine_names
-    for name, role in ((weight, "out"), (bias, "out"), *((s, "in") for s in stat_names)):
+    weight, bias = affine
+    for ref in affine:
+        if ref is not None:
+            ctx.param_slice(owner, ref[0], 0, lay.ids, "out" if ref[1] else "in")
+    for name in stat_names:
         if name is not None:
-            ctx.param_slice(owner, name, 0, lay.ids, role)
-    if weight is not None and bias is not None:
-        return lay.with_zero(True)
+            ctx.param_slice(owner, name, 0, lay.ids, "in")
+    if weight is not None and weight[1] and (bias is None or bias[1]):
+        return lay.with_zero(True)  # zeroing weight (and bias) zeroes the channel
+    if bias is not None and not bias[1]:
+        return lay.with_zero(False)
     return lay if zero_if_plain else lay.with_zero(False)
+
+
+_NORM_ARGS = ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
 
 
 def batch_norm(ctx: RuleContext) -> Any:
     m = ctx.module
     if m is not None:
-        affine = ("weight", "bias") if m.affine else (None, None)
+        affine = (("weight", True), ("bias", True)) if m.affine else (None, None)
         stats = ("running_mean", "running_var") if m.running_mean is not None else (None, None)
-        instance = isinstance(m, nn.modules.instancenorm._InstanceNorm)
-        return _per_channel_norm(ctx, affine, stats, str(ctx.node.target), instance and m.running_mean is None)
-    refs = [ctx.attr_path(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
-                                                        (4, "bias"))]
-    return _functional_norm(ctx, refs, zero_if_plain=False)
+        # without running statistics the batch's own statistics normalise: a zero channel stays zero
+        return _per_channel_norm(ctx, affine, stats, str(ctx.node.target), m.running_mean is None)
+    uses_batch_stats = ctx.arg(1, "running_mean") is None or ctx.arg(5, "training", False) is True
+    return _functional_norm(ctx, _NORM_ARGS, zero_if_plain=uses_batch_stats)
 
 
 def instance_norm(ctx: RuleContext) -> Any:
-    refs = [ctx.attr_path(ctx.arg(i, n)) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"),
-                                                        (4, "bias"))]
-    return _functional_norm(ctx, refs, zero_if_plain=refs[0] is None)
+    uses_input_stats = ctx.arg(1, "running_mean") is None or ctx.arg(5, "use_input_stats", True) is True
+    return _functional_norm(ctx, _NORM_ARGS, zero_if_plain=uses_input_stats)
 
 
-def _functional_norm(ctx: RuleContext, refs: list, zero_if_plain: bool) -> Any:
-    present = [r for r in refs if r is not None]
-    owners = {r[0] for r in present}
+def _functional_norm(ctx: RuleContext, args: tuple[tuple[int, str], ...], zero_if_plain: bool) -> Any:
+    """F.batch_norm / F.instance_norm: statistics and affine parameters must be attributes of one module."""
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if lay is None:
+        return None
+    values = [ctx.arg(i, n) for i, n in args]
+    refs = [ctx.attr_path(v) for v in values]
+    if any(v is not None and r is None for v, r in zip(values, refs, strict=True)):
+        return _pinned_passthrough(ctx, lay, "normalisation with computed statistics or parameters")
+    owners = {r[0] for r in refs if r is not None}
     if len(owners) > 1:
-        lay = ctx.layout(ctx.arg(0, "input"))
-        return _pinned_passthrough(ctx, lay, "normalisation with parameters of several modules") if lay else None
+        return _pinned_passthrough(ctx, lay, "normalisation with parameters of several modules")
     owner = owners.pop() if owners else ""
-    names = [r[1] if r else None for r in refs]
-    return _per_channel_norm(ctx, (names[2], names[3]), (names[0], names[1]), owner, zero_if_plain)
+    affine = tuple((r[1], r[2]) if r else None for r in refs[2:])
+    return _per_channel_norm(ctx, affine, tuple(r[1] if r else None for r in refs[:2]), owner, zero_if_plain)
 
 
 def group_norm(ctx: RuleContext) -> Any:
@@ -359,16 +399,20 @@ def group_norm(ctx: RuleContext) -> Any:
         return None
     if ctx.module is not None:
         groups, owner = ctx.module.num_groups, str(ctx.node.target)
-        names = ("weight", "bias") if ctx.module.affine else (None, None)
+        affine = (("weight", True), ("bias", True)) if ctx.module.affine else (None, None)
     else:
         groups = ctx.arg(1, "num_groups")
-        w, b = ctx.attr_path(ctx.arg(2, "weight")), ctx.attr_path(ctx.arg(3, "bias"))
-        owner = (w or b or ("",))[0]
-        names = (w[1] if w else None, b[1] if b else None)
+        values = [ctx.arg(2, "weight"), ctx.arg(3, "bias")]
+        refs = [ctx.attr_path(v) for v in values]
+        if any(v is not None and r is None for v, r in zip(values, refs, strict=True)) or len(
+                {r[0] for r in refs if r}) > 1:
+            return _pinned_passthrough(ctx, lay, "GroupNorm with computed parameters or parameters of several modules")
+        owner = next((r[0] for r in refs if r), "")
+        affine = tuple((r[1], r[2]) if r else None for r in refs)
     if lay.dim != 1 or groups != lay.width:
         return _pinned_passthrough(ctx, lay, "GroupNorm normalises across the channels of a group")
     ctx.literal_channels("num_groups")
-    return _per_channel_norm(ctx, names, (None, None), owner, zero_if_plain=True)
+    return _per_channel_norm(ctx, affine, (None, None), owner, zero_if_plain=True)
 
 
 def layer_norm(ctx: RuleContext) -> Any:
@@ -380,6 +424,8 @@ def layer_norm(ctx: RuleContext) -> Any:
         n_norm, has_bias = len(ctx.module.normalized_shape), getattr(ctx.module, "bias", None) is not None
     else:
         shape = ctx.arg(1, "normalized_shape")
+        if isinstance(shape, fx.Node):
+            return _pinned_passthrough(ctx, lay, "LayerNorm over a shape known only at run time")
         n_norm, has_bias = len(shape), ctx.arg(3, "bias") is not None
     if lay.dim >= _ndim(ctx, x) - n_norm:
         return _pinned_passthrough(ctx, lay, "LayerNorm normalises over the channel dim")
@@ -447,17 +493,31 @@ def pad(ctx: RuleContext) -> Any:
     if left == 0 and right == 0:
         return lay if keeps else lay.with_zero(False)
     if mode != "constant" or left < 0 or right < 0:
-        return _pinned_passthrough(ctx, lay, f"{mode} padding or cropping of the channel dim")
-    parts = [ctx.fresh(lay.dim, left, pinned="channel padding"), lay, ctx.fresh(lay.dim, right, pinned="channel padding")]
-    return concat(parts, lay.dim)
+        reason = f"{mode} padding or cropping of the channel dim"
+        ctx.pin(lay.ids, reason)
+        return ctx.fresh_like_output(reason)
+    core = lay if keeps else lay.with_zero(False)  # other dims padded with a non-zero value
+    parts = [ctx.fresh(lay.dim, n, pinned="channel padding", zero=value == 0) for n in (left, right)]
+    return concat([parts[0], core, parts[1]], lay.dim)
 
 
 # ---------------------------------------------------------------- shape ops
 
 
+_TENSOR_ALIASES = {"data"}  # tensor attributes that are the same tensor
+
+
 def shape_query(ctx: RuleContext) -> Any:
-    """size(), dim(), .shape: no tensor out, nothing to track."""
-    return None
+    """size(), dim(), .shape: no tensor out, nothing to track; a tensor attribute (.data, .T) is followed or pinned."""
+    lay = ctx.layout(ctx.arg(0, "input"))
+    if ctx.out_shape is None or lay is None:
+        return None
+    attr = ctx.node.args[1] if ctx.node.target is getattr and len(ctx.node.args) > 1 else None
+    if attr in _TENSOR_ALIASES:
+        return lay
+    reason = f"tensor attribute .{attr}" if attr else f"{ctx.node.target} returning a tensor"
+    ctx.pin_inputs(reason)
+    return ctx.fresh_like_output(reason)
 
 
 def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], dst: tuple[int, ...]) -> Any:
@@ -525,9 +585,13 @@ def permute(ctx: RuleContext) -> Any:
         a, b = _norm_dim(ctx.arg(1, "dim0"), nd), _norm_dim(ctx.arg(2, "dim1"), nd)
         return lay.at(b if lay.dim == a else a if lay.dim == b else lay.dim)
     if name in ("movedim", "moveaxis"):
-        order = list(range(nd))
-        src, dst = _norm_dim(ctx.arg(1, "source"), nd), _norm_dim(ctx.arg(2, "destination"), nd)
-        order.insert(dst, order.pop(src))
+        src, dst = ([_norm_dim(d, nd) for d in (v if isinstance(v, (list, tuple)) else [v])]
+                    for v in (ctx.arg(1, "source"), ctx.arg(2, "destination")))
+        order = [-1] * nd  # order[j]: the input dim that becomes output dim j
+        for a, b in zip(src, dst, strict=True):
+            order[b] = a
+        rest = iter(d for d in range(nd) if d not in src)
+        order = [o if o >= 0 else next(rest) for o in order]
         return lay.at(order.index(lay.dim))
     return _pinned_passthrough(ctx, lay, f"unknown permutation {name}")
 
@@ -547,7 +611,9 @@ def expand(ctx: RuleContext) -> Any:
         return None
     dim = lay.dim + len(dst) - len(src)
     if dst[dim] != lay.width:
-        return _pinned_passthrough(ctx, lay, "expand or repeat along the channel dim")
+        reason = "expand or repeat along the channel dim"
+        ctx.pin(lay.ids, reason)
+        return ctx.fresh(dim, int(dst[dim]), pinned=reason, zero=False)
     return lay.at(dim)
 
 
@@ -580,19 +646,39 @@ def reduce(name: str) -> Callable[[RuleContext], Any]:
     return propagate
 
 
+class _Shaped(NamedTuple):
+    """A member of a tuple-valued node, known only by its shape."""
+
+    shape: torch.Size
+
+
+def _shape_of(ctx: RuleContext, value: Any) -> torch.Size:
+    return value.shape if isinstance(value, _Shaped) else ctx.shape(value)
+
+
 def cat(ctx: RuleContext) -> Any:
     tensors = ctx.arg(0, "tensors")
     nd = len(ctx.out_shape or ())
     if nd == 0:
         return None
     dim = _norm_dim(ctx.arg(1, "dim", 0), nd)
-    lays = [ctx.layout(t) for t in tensors]
+    if isinstance(tensors, fx.Node):  # a tuple-valued node, e.g. a slice of split() outputs
+        found, shapes = ctx.facts.layouts.get(tensors.name), output_shapes(tensors)
+        if not isinstance(found, (tuple, list)) or shapes is None:
+            reason = "concatenation of a tensor sequence that cannot be followed"
+            ctx.pin_inputs(reason)
+            return ctx.fresh_like_output(reason)
+        lays = list(found)
+        tensors = [_Shaped(s) for s in shapes]
+    else:
+        lays = [ctx.layout(t) for t in tensors]
     tracked = [x for x in lays if x is not None]
     if not tracked:
         return None
     if all(x.dim == dim for x in tracked):
         parts = [
-            lay if lay is not None else ctx.fresh(dim, int(ctx.shape(t)[dim]), pinned="concatenated untracked tensor")
+            lay if lay is not None else ctx.fresh(dim, int(_shape_of(ctx, t)[dim]), pinned="concatenated untracked tensor",
+                                                  zero=False)
             for t, lay in zip(tensors, lays, strict=True)
         ]
         return concat(parts, dim)
@@ -637,7 +723,13 @@ def getitem(ctx: RuleContext) -> Any:
     src, index = ctx.node.args
     lays = ctx.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None
     if isinstance(lays, (tuple, list)):
-        return lays[index] if isinstance(index, int) else tuple(lays[index]) if isinstance(index, slice) else None
+        if isinstance(index, int):
+            return lays[index]
+        if isinstance(index, slice) and all(isinstance(v, (int, type(None))) for v in (index.start, index.stop,
+                                                                                          index.step)):
+            return tuple(lays[index])
+        ctx.pin_inputs("indexing a sequence of tensors at a position known only at run time")
+        return ctx.fresh_like_output("indexing a sequence of tensors at a position known only at run time")
     lay = ctx.layout(src)
     if lay is None:
         return None
@@ -700,7 +792,7 @@ _keeps_zero_functions = (
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, torch.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardswish, torch.tanh, F.tanh, F.softsign, F.softshrink, F.hardshrink, F.tanhshrink, torch.neg,
     operator.neg, torch.abs, torch.sqrt, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-    torchvision.ops.stochastic_depth, F.hardtanh,
+    torchvision.ops.stochastic_depth,
 )
 _loses_zero_functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus, torch.exp, torch.cos)
 _keeps_zero_methods = (
@@ -717,6 +809,7 @@ RULES: dict[Any, OpRule] = {
     **{Method(m): OpRule("elementwise", _identity) for m in _keeps_zero_methods},
     **{Method(m): OpRule("elementwise, f(0) != 0", unary(False)) for m in _loses_zero_methods},
     nn.Hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
+    F.hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
     nn.Threshold: OpRule("elementwise", unary(_threshold_keeps_zero)),
     torch.clamp: OpRule("elementwise", unary(_clamp_keeps_zero)),
     Method("clamp"): OpRule("elementwise", unary(_clamp_keeps_zero)),

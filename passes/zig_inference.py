@@ -105,6 +105,21 @@ def _shared_slice_pairs(facts: ChannelFacts) -> tuple[list[np.ndarray], list[np.
     return a, b
 
 
+def _unique_pairs(values: list[np.ndarray], labels: np.ndarray | None, n: int,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (row, value) pairs, sorted, for a list of arrays (row i = array i) or explicit rows."""
+    if not values or not sum(len(v) for v in values):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    flat = np.concatenate(values)
+    if labels is not None:
+        flat = labels[flat]
+    if rows is None:
+        rows = np.repeat(np.arange(len(values)), [len(v) for v in values])
+    keys = np.unique(rows.astype(np.int64) * n + flat)
+    return keys // n, keys % n
+
+
 def infer_zigs(facts: ChannelFacts) -> ZIGSet:
     """Group elements into ZIGs and ZIGs into channel spaces."""
     n = facts.n_elements
@@ -123,19 +138,18 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
         pin_reason[labels[pin_ids[order]]] = pin_idx[order]
 
     node_names: list[str] = []
-    comps_per_node: list[np.ndarray] = []
+    node_ids: list[np.ndarray] = []
     for name, lay in facts.layouts.items():
         lays = [lay] if isinstance(lay, ChannelLayout) else [x for x in (lay or ()) if isinstance(x, ChannelLayout)]
         if lays:
             node_names.append(name)
-            comps_per_node.append(np.unique(np.concatenate([labels[x.ids] for x in lays])))
-    pairs_node = np.concatenate([np.full(len(c), i) for i, c in enumerate(comps_per_node)])
-    pairs_comp = np.concatenate(comps_per_node)
+            node_ids.append(np.concatenate([x.ids for x in lays]))
+    pairs_node, pairs_comp = _unique_pairs(node_ids, labels, n_comp)
     sig = _signature_hash(pairs_comp, pairs_node, n_comp, len(node_names))
 
     pinned = pin_reason >= 0
-    keys = np.stack([sig, pinned.astype(np.uint64)], axis=1)
-    _, space_of_comp = np.unique(keys, axis=0, return_inverse=True)
+    sig ^= pinned.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    _, space_of_comp = np.unique(sig, return_inverse=True)
     space_of_comp = space_of_comp.ravel()
     # number spaces in order of their first ZIG (topological order of the graph)
     first = np.full(space_of_comp.max() + 1, n_comp, dtype=np.int64)
@@ -151,16 +165,17 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
         comp_pos[comps] = np.arange(len(comps))
 
     nodes_of_space: dict[int, list[str]] = defaultdict(list)
-    for i, comps in enumerate(comps_per_node):
-        for s in np.unique(comp_space[comps]):
-            nodes_of_space[int(s)].append(node_names[i])
+    n_space = len(members)
+    for node, space in zip(*_unique_pairs([comp_space[pairs_comp]], None, n_space, rows=pairs_node), strict=True):
+        nodes_of_space[int(space)].append(node_names[node])
     producers: dict[int, list[str]] = defaultdict(list)
     consumers: dict[int, list[str]] = defaultdict(list)
-    for s in facts.slices:
-        for sp in np.unique(comp_space[labels[s.ids]]):
-            target = producers if s.role == "out" else consumers
-            if s.module not in target[int(sp)]:
-                target[int(sp)].append(s.module)
+    slice_rows, slice_spaces = _unique_pairs([comp_space[labels[x.ids]] for x in facts.slices], None, n_space)
+    for row, space in zip(slice_rows, slice_spaces, strict=True):
+        sl = facts.slices[row]
+        target = producers if sl.role == "out" else consumers
+        if sl.module not in target[int(space)]:
+            target[int(space)].append(sl.module)
 
     spaces = []
     for i, comps in enumerate(members):

@@ -1,0 +1,115 @@
+"""`atofx inspect` on a torchvision model and on a user's `package.module:factory`; one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from atofx import cli
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+def with_example():
+    return small_cnn(), torch.randn(2, 3, 12, 12)
+
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch) -> str:
+    """A module `atofx_user_models` on sys.path, as a user's own code would be."""
+    (tmp_path / "atofx_user_models.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "atofx_user_models", raising=False)
+    return "atofx_user_models"
+
+
+def test_inspect_torchvision_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inspect", "squeezenet1_1", "--input-size", "3x32x32"]) == 0
+    out = capsys.readouterr().out
+    assert "squeezenet1_1: input (1, 3, 32, 32)" in out
+    assert "features.0" in out and "prunable" in out and "pinned: model input" in out
+    written = tmp_path / "squeezenet1_1-zigs.svg"
+    if not written.exists():  # no graphviz `dot` on this machine
+        written = written.with_suffix(".dot")
+    assert written.exists() and f"wrote {written.name}" in out
+
+
+def test_inspect_user_factory_into_out_dir(user_module, tmp_path, capsys):
+    out_dir = tmp_path / "pictures"
+    assert cli.main(["inspect", f"{user_module}:small_cnn", "--input-size", "3x16x16", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "input (1, 3, 16, 16)" in out
+    assert "2 prunable (24 ZIGs)" in out
+    assert list(out_dir.glob("atofx_user_models-small_cnn-zigs.*"))
+
+
+def test_inspect_factory_returning_its_example(user_module, tmp_path, capsys):
+    assert cli.main(["inspect", f"{user_module}:with_example", "--out", str(tmp_path)]) == 0
+    assert "input (2, 3, 12, 12)" in capsys.readouterr().out
+
+
+def test_inspect_without_dot_prints_the_warning(user_module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("atofx.visualize.shutil.which", lambda name: None)
+    assert cli.main(["inspect", f"{user_module}:small_cnn", "--input-size", "3x16x16", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "atofx: warning:" in captured.err and "apt-get install graphviz" in captured.err
+    assert "-zigs.dot" in captured.out and (tmp_path / "atofx_user_models-small_cnn-zigs.dot").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("resnet81", "did you mean resnet18"),
+        ("no_such_package_xyz:make", "cannot import module 'no_such_package_xyz'"),
+        ("{mod}:smal_cnn", "did you mean small_cnn"),
+        ("{mod}:NOT_CALLABLE", "not a callable"),
+        ("{mod}:small_cnn --input-size 1x16x16", "failed on the example inputs"),
+    ],
+)
+def test_errors_are_one_line_exit_2(user_module, tmp_path, capsys, model, message):
+    argv = ["inspect", *model.format(mod=user_module).split(), "--out", str(tmp_path)]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("atofx: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("*zigs*"))
+
+
+def test_bad_input_size_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["inspect", "resnet18", "--input-size", "3xAx32"])
+    assert exc.value.code == 2
+    assert "cannot read input size '3xAx32'" in capsys.readouterr().err
+
+
+def test_a_subcommand_is_required(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+    assert "{inspect}" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    """`python -m atofx` reaches the same main(): an error exits 2 with one line and no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "atofx", "inspect", "resnet81"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "did you mean resnet18" in proc.stderr
