@@ -88,6 +88,51 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from atofx.train_job import DATASETS, TrainJob
+
+    d = TrainJob()
+    p = sub.add_parser(
+        "train",
+        help="train once with ATO and write the pruned model (default: digits, no download)",
+        description="Auto-Train-Once: train MODEL on DATASET with a controller that picks which channels to drop "
+        "under a FLOPs budget, prune, and write OUT/: pruned.pt, summary.json, log.jsonl, zigs.svg. "
+        "Rerunning the same command resumes from OUT/checkpoints.",
+    )
+    p.add_argument("--model", default=d.model, help=f"CIFAR ResNet (resnet20/32/56/110), a torchvision name or "
+                   f"package.module:factory (default: {d.model})")
+    p.add_argument("--dataset", default=d.dataset, choices=DATASETS, help=f"(default: {d.dataset})")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (unused for digits)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--target-flops", type=float, default=d.target_flops,
+                   help=f"share of the dense FLOPs to keep, in (0, 1] (default: {d.target_flops})")
+    p.add_argument("--method", choices=("ato", "static"), default=d.method,
+                   help="ato: the controller; static: OTO-style fixed saliency mask (default: ato)")
+    p.add_argument("--projection", choices=("prox", "hsp"), default=d.projection, help="(default: prox)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--out", default=d.out, help=f"output folder (default: ./{d.out})")
+    p.add_argument("--no-dense-reference", action="store_true",
+                   help="skip training the dense model that the accuracy change is measured against")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from atofx.train_job import TrainJob, run, summary_table
+
+    job = TrainJob(model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
+                   batch_size=args.batch_size, target_flops=args.target_flops, method=args.method,
+                   projection=args.projection, device=args.device, seed=args.seed, out=args.out,
+                   dense_reference=not args.no_dense_reference, progress=not args.quiet)
+    summary = run(job)
+    print(summary_table(summary))
+    print(f"wrote {Path(args.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; a new subcommand adds one `_add_<name>(sub)` call here."""
@@ -99,8 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"atofx {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", required=True)
     _add_inspect(sub)
-    # Next subcommands: `train` (ATO on the bundled digits data -> ./atofx-out) and `report`
-    # plug in here as _add_train(sub) / _add_report(sub), each setting `run=` with set_defaults.
+    _add_train(sub)
     return parser
 
 

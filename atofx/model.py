@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ class ATOModel:
     # ------------------------------------------------------------------ analysis
     def analyze(self, example_inputs: Any) -> ATOModel:
         """Propagate shapes from `example_inputs` and infer the ZIGs."""
-        inputs = _as_tuple(example_inputs)
+        inputs = self._fill_concrete(_as_tuple(example_inputs))
         with _EvalNoGrad(self.graph_module):
             try:
                 ShapeProp(self.graph_module).propagate(*inputs)
@@ -83,6 +84,16 @@ class ATOModel:
         self._zigs = infer_zigs(self._facts)
         self._flops = None
         return self
+
+    def _fill_concrete(self, inputs: tuple) -> tuple:
+        """fx keeps a placeholder for each concrete arg: give it its value, the user's inputs fill the rest."""
+        concrete = self.trace_options.get("concrete_args") or {}
+        n_placeholders = sum(n.op == "placeholder" for n in self.graph_module.graph.nodes)
+        names = list(inspect.signature(self.model.forward).parameters)  # fx may rename placeholders
+        if not concrete or len(inputs) >= n_placeholders or len(names) != n_placeholders:
+            return inputs
+        given = iter(inputs)
+        return tuple(concrete[name] if name in concrete else next(given, None) for name in names)
 
     @property
     def zigs(self) -> ZIGSet:

@@ -520,7 +520,9 @@ def shape_query(ctx: RuleContext) -> Any:
     return ctx.fresh_like_output(reason)
 
 
-def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], dst: tuple[int, ...]) -> Any:
+def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], dst: tuple[int, ...],
+                    fixed: frozenset[int] = frozenset()) -> Any:
+    """Follow the tracked dim through a reshape; `fixed` are output dims the code gives as literal sizes."""
     groups = reshape_groups(src, dst)
     if groups is None:
         return _pinned_passthrough(ctx, lay, "reshape that cannot be followed")
@@ -542,6 +544,11 @@ def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], 
         keep = next((a for a in range(len(out_sizes)) if out_sizes[a] == lay.width), 0)
         varying = [keep]
     last = varying[-1]
+    free = [a for a in range(len(out_sizes)) if out_dims.start + a not in fixed]
+    if free and any(out_dims.start + a in fixed for a in varying):
+        # a literal size (the groups of a channel shuffle) cannot shrink: only a computed part may
+        last = free[-1]
+        varying = sorted({*varying, last})
     moved_ids = np.moveaxis(ids, last, -1).reshape(-1, out_sizes[last])
     moved_zero = np.moveaxis(zero, last, -1).reshape(-1, out_sizes[last])
     if len(varying) > 1:  # a channel dim split in several: only the innermost part may shrink
@@ -560,11 +567,17 @@ def reshape(ctx: RuleContext) -> Any:
     src, dst = ctx.shape(x), ctx.out_shape
     if lay is None or src is None or dst is None:
         return None
-    if ctx.node.op == "call_method" and ctx.node.target in ("view", "reshape"):
-        literals = [a for a in ctx.node.args[1:] if isinstance(a, int) and a not in (-1, 1)]
+    fixed: frozenset[int] = frozenset()
+    if ctx.node.target in ("view", "reshape") or ctx.node.target is torch.reshape:
+        args = list(ctx.node.args[1:]) if ctx.node.op == "call_method" else [ctx.arg(1, "shape")]
+        if len(args) == 1 and isinstance(args[0], (tuple, list)):
+            args = list(args[0])
+        if len(args) == len(dst):
+            fixed = frozenset(d for d, a in enumerate(args) if isinstance(a, int) and a > 1)
+        literals = [a for a in args if isinstance(a, int) and a not in (-1, 1)]
         if any(a % lay.width == 0 or lay.width % max(a, 1) == 0 for a in literals):
             ctx.literal_channels("shape arguments")
-    return _reshape_layout(ctx, lay, tuple(src), tuple(dst))
+    return _reshape_layout(ctx, lay, tuple(src), tuple(dst), fixed)
 
 
 def permute(ctx: RuleContext) -> Any:

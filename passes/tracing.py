@@ -23,6 +23,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_paths = {x for x in leaves if isinstance(x, str)}
         self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
         self.path_stack: list[str] = [""]
+        self.failed_in: str | None = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -37,13 +38,17 @@ class _PathTracer(fx.Tracer):
         self.path_stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_stack[-1]
+            raise
         finally:
             self.path_stack.pop()
 
 
 _CONSTRUCTS = (
-    ("control flow", "data-dependent control flow (an `if`/`while` on a tensor value)"),
     ("iterate", "iteration over a tensor of unknown length"),
+    ("control flow", "data-dependent control flow (an `if`/`while` on a tensor value)"),
     ("len(", "len() of a tensor"),
     ("__bool__", "a tensor used as a Python bool"),
 )
@@ -67,7 +72,7 @@ def trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        path = tracer.path_stack[-1] or "<root>"
+        path = tracer.failed_in or "<root>"
         module = model.get_submodule(path) if path != "<root>" else model
         raise TraceError(
             f"torch.fx cannot trace module '{path}' ({type(module).__name__}): {_describe(exc)}. "

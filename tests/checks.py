@@ -69,8 +69,8 @@ def assert_zero_invariant(ato: ATOModel, zigs_per_space: int = 2, seed: int = 0)
                         f"space {space.name} ZIG {zig}: node {name} positions {pos.tolist()[:8]} "
                         f"claimed zero, max |v| = {got.abs().max().item():.3g}"
                     )
-            for s in zigs.slices:
-                if s.role == "in" and (zigs.labels[s.ids] == comp).any():
+            for s in zigs.slices:  # consumers: layers whose weight sums over input channels
+                if s.role == "in" and s.name == "weight" and (zigs.labels[s.ids] == comp).any():
                     node = next(n for n in gm.graph.nodes if n.name == s.node)
                     src = node.args[0]
                     lay = zigs.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None

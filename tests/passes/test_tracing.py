@@ -65,16 +65,12 @@ def test_control_flow_raises_a_trace_error_with_the_fix() -> None:
     assert isinstance(err.__cause__, Exception)  # the torch.fx error is kept for debugging
 
 
-@pytest.mark.xfail(strict=True, reason="tracing.py: call_module's `finally` pops the path before trace() reads it, "
-                                       "so the message names '<root>' instead of the failing submodule")
 def test_trace_error_names_the_failing_submodule() -> None:
     text = str(_trace_error(Net(Branchy())))
     assert "'body.block'" in text and "Branchy" in text
     assert "leaf_modules=[Branchy]" in text
 
 
-@pytest.mark.xfail(strict=True, reason="tracing.py: fx's iteration message also says 'control flow', which _describe "
-                                       "matches first")
 def test_iteration_over_a_tensor_is_named() -> None:
     assert "iteration over a tensor" in str(_trace_error(Net(Iterates())))
 
@@ -141,7 +137,5 @@ def test_concrete_args_fix_the_branch(sigmoid: bool) -> None:
     assert sp.pinned == sigmoid  # sigmoid(0) != 0 pins conv1's channels
 
 
-@pytest.mark.xfail(strict=True, reason="fx keeps a placeholder and a torch._assert for each concrete arg, so compile() "
-                                       "needs the concrete value again in example_inputs")
 def test_concrete_args_need_not_be_repeated_in_example_inputs() -> None:
     atofx.compile(Flagged(), example(), concrete_args={"sigmoid": True})
