@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import re
 import sys
@@ -36,6 +37,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                    help="example input shape without the batch dim (default: 3x224x224, 3x299x299 for inception_v3)")
     p.add_argument("--out", metavar="DIR", type=Path, default=Path("."),
                    help="folder for the picture (default: the current folder)")
+    p.add_argument("--prune-random", metavar="KEEP", type=float, default=None,
+                   help="also prune a random mask keeping this share of every space and show FLOPs, params and "
+                   "the equivalence check before and after")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
     p.set_defaults(run=_run_inspect)
 
 
@@ -85,7 +90,30 @@ def _run_inspect(args: argparse.Namespace) -> int:
         if issubclass(w.category, UserWarning) and "dot" in str(w.message):
             print(f"atofx: warning: {w.message}", file=sys.stderr)
     print(f"wrote {written}")
+    if args.prune_random is not None:
+        _prune_random(ato, zoo.example, args.prune_random, args.seed)
     return 0
+
+
+def _prune_random(ato, example, keep: float, seed: int) -> None:
+    """What atofx could remove: a random mask, pruned and checked against the masked model."""
+    import atofx
+    from atofx.passes.equivalence import relative_difference, run_eval
+    from atofx.report import format_table
+
+    mask = ato.random_mask(keep=keep, seed=seed)
+    small = ato.prune(mask)  # raises EquivalenceError, naming the first layer, if the outputs differ
+    reference = atofx.compile(copy.deepcopy(ato.model), example)
+    reference.apply_mask(mask)
+    diff = relative_difference(run_eval(reference.model, (example,)), run_eval(small, (example,)))
+    flops = (atofx.count_flops(ato.model, example), atofx.count_flops(small, example))
+    params = (atofx.count_params(ato.model), atofx.count_params(small))
+    rows = [["FLOPs (M)", f"{flops[0] / 1e6:.1f}", f"{flops[1] / 1e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
+            ["params (k)", f"{params[0] / 1e3:.1f}", f"{params[1] / 1e3:.1f}", f"{params[1] / params[0]:.3f}"]]
+    print(f"\nrandom mask keeping {keep:.2f} of every prunable space (seed {seed}):")
+    print(format_table(["", "before", "after", "ratio"], rows))
+    print(f"FLOPs model predicted {ato.flops(mask) / 1e6:.1f} M; pruned model type {type(small).__name__}")
+    print(f"equivalence: masked vs pruned outputs differ by {diff:.2e} (relative max-abs; limit 1e-5): OK")
 
 
 # ------------------------------------------------------------------------------------------ train
