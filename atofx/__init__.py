@@ -14,8 +14,10 @@ from atofx.mask import Mask
 from atofx.model import ATOModel, compile
 from atofx.passes.zig_inference import ChannelSpace
 from atofx.serialization import load, save
+from atofx.trainer import ATOConfig
 
 __all__ = [
+    "ATOConfig",
     "ATOModel",
     "AtofxError",
     "ChannelSpace",
