@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from atofx.checkpoint import carries_code
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
 from atofx.passes.op_rules import RULES
@@ -241,10 +242,16 @@ def read_payload(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not carries_code(exc):
+            raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({exc})") from exc
         raise UnsafeCheckpointError(
             f"{path} carries code or objects that are not plain tensors and numbers; it was refused without "
             f"running it. Only load files from sources you trust with torch.load directly. ({exc})"
         ) from exc
+    except OSError:
+        raise
+    except Exception as exc:  # truncated zip, empty file, stray bytes: the weights-only reader fails in many ways
+        raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({type(exc).__name__}: {exc})") from exc
     return payload
 
 

@@ -15,6 +15,7 @@ masked activations) with the model's parameters frozen; only the controller lear
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -177,14 +178,14 @@ class ATOTrainer:
             self.gm.train(was_training)
             for p_ in model_params:
                 p_.requires_grad_(True)
-        self.mask = self.controller.mask(self.config.offset)
+        self.mask = self.current_mask()
         return {"controller_loss": float(loss.detach()), "sampled_flops_kept": float(p.detach()) / self.flops.total}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Close epoch `epoch` (0-based): pick, freeze or finalise the mask as the schedule says."""
         self.state.epoch = epoch + 1
         ph = self.phases
-        if self.config.method == "static" and self.state.epoch == ph.start:
+        if self.config.method == "static" and self.state.epoch == max(ph.start, 1):  # window start 0: first epoch end
             self.mask = self.saliency_mask()
         if self.state.epoch >= ph.end and not self.state.frozen:
             self.state.frozen = True
@@ -206,6 +207,18 @@ class ATOTrainer:
 
     def flops_kept(self) -> float:
         return float(self.flops({k: v.double() for k, v in self.mask.items()})) / self.flops.total
+
+    @torch.no_grad()
+    def current_mask(self) -> Masks:
+        """The controller's deterministic mask; a space it would empty keeps its channel of largest logit,
+        since a layer of width 0 cannot be built (and the pruned model must exist)."""
+        masks = self.controller.mask(self.config.offset)
+        empty = [k for k, m in masks.items() if not bool(m.any())]
+        if empty:
+            logits = self.controller()
+            for k in empty:
+                masks[k][logits[k].argmax()] = 1.0
+        return masks
 
     def final_mask(self) -> Mask:
         return Mask({k: v.detach().cpu().bool() for k, v in self.mask.items()})
@@ -239,8 +252,9 @@ class ATOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self, n_batches: int) -> dict[str, Any]:
-        shapes = [(k, tuple(v.shape)) for k, v in self.ato.model.state_dict().items()]
-        return {"model": str(hash(tuple(shapes))), "config": json.dumps(asdict(self.config), sort_keys=True),
+        shapes = [[k, list(v.shape)] for k, v in self.ato.model.state_dict().items()]
+        digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]  # hash() differs per process
+        return {"model": digest, "config": json.dumps(asdict(self.config), sort_keys=True),
                 "epochs": self.phases.epochs, "batches_per_epoch": n_batches}
 
     def state_dict(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
@@ -279,6 +293,17 @@ def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader
     idx = torch.randperm(n, generator=gen)[: max(1, math.ceil(share * n))].tolist()
     return DataLoader(Subset(dataset, idx), batch_size=loader.batch_size or 1, shuffle=True,
                       collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed + 2))
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The random generators a loader draws its order from (its own and its sampler's), without repeats."""
+    found: list[torch.Generator] = []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for owner in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
@@ -359,6 +384,10 @@ def fit(
     if n_batches == 0:
         raise AtofxError("the training loader yielded no batch; check the dataset and batch_size/drop_last.")
     fingerprint = trainer.fingerprint(n_batches)
+    cn_loader = controller_subset(train_loader, trainer.config.controller_data, trainer.config.seed) \
+        if trainer.config.method == "ato" else None
+    # the loaders' own generators decide the batch order: saved and restored so a resumed run is the same run
+    generators = loader_generators(train_loader) + (loader_generators(cn_loader) if cn_loader is not None else [])
     if checkpoint_dir is not None:
         saved, note = ckpt.read_latest(checkpoint_dir)
         if note:
@@ -366,10 +395,12 @@ def fit(
         if saved is not None:
             ckpt.check_compatible(saved, fingerprint, checkpoint_dir)
             trainer.load_state_dict(saved, optimizer, scheduler)
+            loader_rng = saved.get("loader_rng", [])
+            if len(loader_rng) == len(generators):
+                for g, state in zip(generators, loader_rng, strict=True):
+                    g.set_state(state)
             if log_path is not None:
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
-    cn_loader = controller_subset(train_loader, trainer.config.controller_data, trainer.config.seed) \
-        if trainer.config.method == "ato" else None
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
     model = trainer.gm
     for epoch in range(trainer.state.epoch, ph.epochs):
@@ -410,7 +441,8 @@ def fit(
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
-            payload = trainer.state_dict(optimizer, scheduler) | {"fingerprint": fingerprint}
+            payload = trainer.state_dict(optimizer, scheduler) | {
+                "fingerprint": fingerprint, "loader_rng": [g.get_state() for g in generators]}
             ckpt.write(checkpoint_dir, payload)
     return trainer.state.history
 

@@ -1,0 +1,249 @@
+"""atofx.save / atofx.load: pruned models round-trip, in a new process too, and files with code are refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+import torchvision
+from atofx.passes.equivalence import relative_difference, run_eval
+from torch import nn
+
+import atofx
+from atofx.serialization import FORMAT, read_payload
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    for m in model.modules():  # non-trivial BN statistics, so a wrong channel shows
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(path, pruned model, input, expected output) of a pruned resnet18 saved with atofx.save."""
+    folder = tmp_path_factory.mktemp("saved")
+    model = resnet18()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ato = atofx.compile(model, (x,))
+    small = ato.prune(ato.random_mask(keep=0.5, seed=3))
+    path = atofx.save(small, folder / "pruned.pt")
+    return path, small, x, run_eval(small, (x,))
+
+
+class Evil:
+    """Unpickling this calls open(marker, 'w')."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def edited(saved, tmp_path: Path, edit) -> Path:
+    """A copy of the saved file whose payload `edit(payload)` changed."""
+    payload = read_payload(saved[0])
+    edit(payload)
+    path = tmp_path / "edited.pt"
+    torch.save(payload, path)
+    return path
+
+
+def first(payload: dict, op: str) -> dict:
+    return next(n for n in payload["graph"]["nodes"] if n["op"] == op)
+
+
+# ---------------------------------------------------------------------- round trips
+
+
+def test_saved_file_holds_plain_data_and_a_graph(saved):
+    path, small, _, _ = saved
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == FORMAT and payload["graph"] is not None and payload["graph_missing_because"] is None
+    assert payload["class"] == "torchvision.models.resnet.ResNet"
+    assert payload["layers"]["layer1.0.conv1"]["out_channels"] == small.layer1[0].conv1.out_channels < 64
+    assert not path.with_name(path.name + ".tmp").exists()
+
+
+def test_load_rebuilds_the_graph(saved):
+    path, small, x, expected = saved
+    loaded = atofx.load(path)
+    assert isinstance(loaded, fx.GraphModule) and not isinstance(loaded, torchvision.models.ResNet)
+    # built from torch.nn layers only: no class of the user's source is needed
+    assert all(type(m).__module__.startswith(("torch.nn", "torch.fx")) for m in loaded.modules())
+    assert relative_difference(expected, run_eval(loaded, (x,))) <= 1e-6
+    assert atofx.count_params(loaded) == atofx.count_params(small) < atofx.count_params(resnet18())
+    assert loaded.get_submodule("layer2.0.conv1").in_channels == small.layer2[0].conv1.in_channels
+
+
+def test_load_in_a_new_process(saved, tmp_path):
+    path, _, x, expected = saved
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, atofx\n"
+        "torch.set_num_threads(1)\n"
+        "model = atofx.load(sys.argv[1]).eval()\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(x), sys.argv[3])\n"
+        "print(type(model).__name__)\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "PrunedModel"
+    got = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert relative_difference(expected, got) <= 1e-6
+
+
+def test_load_into_a_fresh_instance_of_the_users_model(saved):
+    path, small, x, expected = saved
+    loaded = atofx.load(path, model=torchvision.models.resnet18(num_classes=10))
+    assert isinstance(loaded, torchvision.models.ResNet)
+    widths = {name: (m.in_channels, m.out_channels) for name, m in loaded.named_modules() if isinstance(m, nn.Conv2d)}
+    assert widths == {name: (m.in_channels, m.out_channels) for name, m in small.named_modules()
+                      if isinstance(m, nn.Conv2d)}
+    assert loaded.fc.in_features == small.fc.in_features < 512
+    assert loaded.bn1.num_features == small.bn1.num_features
+    assert relative_difference(expected, run_eval(loaded, (x,))) <= 1e-6
+
+
+def test_load_into_the_wrong_model_is_refused(saved):
+    path = saved[0]
+    with pytest.raises(atofx.AtofxError, match=r"does not fit the given model \(torchvision\.models\.resnet\.ResNet"):
+        atofx.load(path, model=torchvision.models.resnet34(num_classes=10))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so no graph is stored."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_loads_into_a_fresh_instance(tmp_path):
+    torch.manual_seed(0)
+    model = Branchy().eval()
+    with torch.no_grad():
+        model.conv.weight[:3].zero_()
+    small = Branchy().eval()
+    small.conv = nn.Conv2d(3, 5, 3, padding=1)
+    small.fc = nn.Linear(5, 4)
+    x = torch.randn(2, 3, 6, 6)
+    path = atofx.save(small, tmp_path / "b.pt")
+    assert torch.load(path, weights_only=True)["graph"] is None
+    with pytest.raises(atofx.AtofxError, match=r"holds no graph.*atofx\.load\(path, model=Branchy\(\.\.\.\)\)"):
+        atofx.load(path)
+    loaded = atofx.load(path, model=Branchy())
+    assert loaded.conv.out_channels == 5 and loaded.fc.in_features == 5
+    assert torch.equal(run_eval(loaded, (x,)), run_eval(small, (x,)))
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def test_a_file_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "version": 1, "state_dict": {}, "layers": {}, "graph": None, "hook": Evil(marker)},
+               path)
+    with pytest.raises(atofx.UnsafeCheckpointError, match=r"refused without running it"):
+        atofx.load(path)
+    with pytest.raises(atofx.UnsafeCheckpointError):
+        atofx.load(path, model=torchvision.models.resnet18())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "builtins.exec", "subprocess.run",
+                                    "torch.load", "builtins.__import__"])
+def test_a_graph_calling_a_function_off_the_allow_list_is_refused(saved, tmp_path, target):
+    def edit(payload):
+        first(payload, "call_function")["target"] = target
+
+    path = edited(saved, tmp_path, edit)
+    with pytest.raises(atofx.UnsafeCheckpointError, match=rf"calls {target}, which is not on the allow-list"):
+        atofx.load(path)
+
+
+@pytest.mark.parametrize("method", ["__reduce__", "_fix_weakref", "no_such_method"])
+def test_a_graph_calling_a_private_or_unknown_method_is_refused(saved, tmp_path, method):
+    def edit(payload):
+        node = first(payload, "call_function")
+        node["op"], node["target"] = "call_method", method
+
+    with pytest.raises(atofx.UnsafeCheckpointError, match=r"calls method"):
+        atofx.load(edited(saved, tmp_path, edit))
+
+
+@pytest.mark.parametrize("spec", ["subprocess:Popen", "builtins:eval", "torch.nn.functional:__builtins__",
+                                  "torch.nn.modules.conv:Conv2d.__init__", "os:system"])
+def test_a_layer_class_off_the_allow_list_is_refused(saved, tmp_path, spec):
+    def edit(payload):
+        payload["graph"]["modules"]["conv1"]["class"] = spec
+
+    with pytest.raises(atofx.UnsafeCheckpointError, match=r"refusing to load it"):
+        atofx.load(edited(saved, tmp_path, edit))
+
+
+@pytest.mark.parametrize("arg, message", [
+    ({"code": "print('hi')"}, r"unknown tag 'code'"),
+    ({"dtype": "load"}, r"unknown dtype 'load'"),
+    ({"memory_format": "save"}, r"unknown memory_format 'save'"),
+])
+def test_unknown_graph_argument_tags_are_refused(saved, tmp_path, arg, message):
+    def edit(payload):
+        node = first(payload, "call_function")
+        node["args"] = {"tuple": [node["args"]["tuple"][0], arg]}
+
+    with pytest.raises(atofx.UnsafeCheckpointError, match=message):
+        atofx.load(edited(saved, tmp_path, edit))
+
+
+def test_files_not_written_by_atofx_give_an_atofx_error(saved, tmp_path):
+    plain = tmp_path / "state_dict.pt"
+    torch.save(resnet18().state_dict(), plain)
+    with pytest.raises(atofx.AtofxError, match=r"not an atofx pruned-model file; save one with atofx\.save"):
+        atofx.load(plain)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.ones(3), tensor)
+    with pytest.raises(atofx.AtofxError, match=r"not an atofx pruned-model file"):
+        atofx.load(tensor)
+    data = saved[0].read_bytes()
+    damaged = {"text.pt": b"hello, not a model\n", "empty.pt": b"", "truncated.pt": data[: len(data) // 2]}
+    for name, content in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(atofx.AtofxError, match=r"damaged or not a file written by atofx\.save") as err:
+            atofx.load(tmp_path / name)
+        assert type(err.value) is atofx.AtofxError, f"{name}: damage is not code"
+
+
+def test_save_replaces_a_file_atomically(saved, tmp_path):
+    path, small, x, expected = saved
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    atofx.save(small, target, (x,))
+    assert relative_difference(expected, run_eval(atofx.load(target), (x,))) <= 1e-6
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
