@@ -72,15 +72,15 @@ class ZIGSet:
         return removal
 
     def zig_slices(self, space: int, zig: int, roles: tuple[str, ...] = ("out",)) -> list[tuple[str, str, int, np.ndarray]]:
-        """(module, parameter, dim, indices) of one ZIG, for the given roles."""
+        """(module, parameter, dim, indices) of one ZIG, for the given roles; each physical slice once."""
         comp = self.spaces[space].components[zig]
-        found = []
+        found: dict[tuple[str, str, int, bytes], tuple[str, str, int, np.ndarray]] = {}
         for s in self.slices:
             if s.role in roles:
                 idx = np.flatnonzero(self.labels[s.ids] == comp)
                 if idx.size:
-                    found.append((s.module, s.name, s.dim, idx))
-        return found
+                    found.setdefault((s.module, s.name, s.dim, idx.tobytes()), (s.module, s.name, s.dim, idx))
+        return list(found.values())
 
 
 def _signature_hash(pairs_comp: np.ndarray, pairs_node: np.ndarray, n_comp: int, n_nodes: int) -> np.ndarray:
@@ -103,6 +103,21 @@ def _shared_slice_pairs(facts: ChannelFacts) -> tuple[list[np.ndarray], list[np.
             b.append(s.ids)
         first.setdefault(key, s.ids)
     return a, b
+
+
+class _DistinctComponents:
+    """ZIG ids present in an element-id array; most layouts share their input's array, so cache by identity."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        hit = self.cache.get(id(ids))
+        if hit is None or hit[0] is not ids:
+            hit = (ids, np.unique(self.labels[ids]))
+            self.cache[id(ids)] = hit
+        return hit[1]
 
 
 def _unique_pairs(values: list[np.ndarray], labels: np.ndarray | None, n: int,
@@ -137,14 +152,17 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
         order = np.argsort(pin_idx, kind="stable")[::-1]  # last write wins -> first pin's reason
         pin_reason[labels[pin_ids[order]]] = pin_idx[order]
 
+    distinct = _DistinctComponents(labels)
     node_names: list[str] = []
-    node_ids: list[np.ndarray] = []
+    node_comps: list[np.ndarray] = []
     for name, lay in facts.layouts.items():
         lays = [lay] if isinstance(lay, ChannelLayout) else [x for x in (lay or ()) if isinstance(x, ChannelLayout)]
         if lays:
             node_names.append(name)
-            node_ids.append(np.concatenate([x.ids for x in lays]))
-    pairs_node, pairs_comp = _unique_pairs(node_ids, labels, n_comp)
+            comps = [distinct(x.ids) for x in lays]
+            node_comps.append(comps[0] if len(comps) == 1 else np.unique(np.concatenate(comps)))
+    pairs_node = np.repeat(np.arange(len(node_comps)), [len(c) for c in node_comps])
+    pairs_comp = np.concatenate(node_comps)
     sig = _signature_hash(pairs_comp, pairs_node, n_comp, len(node_names))
 
     pinned = pin_reason >= 0
@@ -170,7 +188,7 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
         nodes_of_space[int(space)].append(node_names[node])
     producers: dict[int, list[str]] = defaultdict(list)
     consumers: dict[int, list[str]] = defaultdict(list)
-    slice_rows, slice_spaces = _unique_pairs([comp_space[labels[x.ids]] for x in facts.slices], None, n_space)
+    slice_rows, slice_spaces = _unique_pairs([comp_space[distinct(x.ids)] for x in facts.slices], None, n_space)
     for row, space in zip(slice_rows, slice_spaces, strict=True):
         sl = facts.slices[row]
         target = producers if sl.role == "out" else consumers
