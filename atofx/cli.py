@@ -117,47 +117,101 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train
+# command-line dest -> TrainJob field, for the flags whose name differs from the field
+_FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress"}
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from atofx.train_job import DATASETS, TrainJob
+    from atofx.cifar_models import CIFAR_MODELS
+    from atofx.datasets import DATASETS
+    from atofx.train_job import TrainJob
 
     d = TrainJob()
     p = sub.add_parser(
         "train",
         help="train once with ATO and write the pruned model (default: digits, no download)",
         description="Auto-Train-Once: train MODEL on DATASET with a controller that picks which channels to drop "
-        "under a FLOPs budget, prune, and write OUT/: pruned.pt, summary.json, log.jsonl, zigs.svg. "
-        "Rerunning the same command resumes from OUT/checkpoints.",
+        "under a FLOPs budget, prune, and write OUT/: pruned.pt, summary.json, log.jsonl, zigs.svg, "
+        "accuracy_flops.png, widths.png. Rerunning the same command resumes from OUT/checkpoints.",
+        argument_default=argparse.SUPPRESS,  # only the flags given land in args: they override --config
     )
-    p.add_argument("--model", default=d.model, help=f"CIFAR ResNet (resnet20/32/56/110), a torchvision name or "
+    p.add_argument("--config", metavar="FILE", help="a recipe file (.yaml/.json) whose keys are train options "
+                   "(model, dataset, epochs, batch_size, lr, target_flops, ...); flags given here override it. "
+                   "See recipes/")
+    p.add_argument("--model", help=f"a CIFAR model ({', '.join(CIFAR_MODELS)}), a torchvision name or "
                    f"package.module:factory (default: {d.model})")
-    p.add_argument("--dataset", default=d.dataset, choices=DATASETS, help=f"(default: {d.dataset})")
-    p.add_argument("--data-dir", default=None, help="where the dataset lives (unused for digits)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default: {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
-    p.add_argument("--target-flops", type=float, default=d.target_flops,
+    p.add_argument("--dataset", choices=DATASETS, help=f"(default: {d.dataset})")
+    p.add_argument("--data-dir", metavar="DIR", help="where the dataset lives (unused for digits); folder and "
+                   "imagenet: DIR/train and DIR/val hold one subfolder per class")
+    p.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data-dir first")
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="data loading processes (default: min(4, CPU count); digits loads in-process)")
+    p.add_argument("--image-size", type=int, metavar="PX",
+                   help="folder/imagenet resolution (default: 32 for the CIFAR models, 224 otherwise)")
+    p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"SGD learning rate, cosine schedule (default: {d.lr})")
+    p.add_argument("--target-flops", type=float,
                    help=f"share of the dense FLOPs to keep, in (0, 1] (default: {d.target_flops})")
-    p.add_argument("--method", choices=("ato", "static"), default=d.method,
+    p.add_argument("--method", choices=("ato", "static"),
                    help="ato: the controller; static: OTO-style fixed saliency mask (default: ato)")
-    p.add_argument("--projection", choices=("prox", "hsp"), default=d.projection, help="(default: prox)")
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    p.add_argument("--out", default=d.out, help=f"output folder (default: ./{d.out})")
+    p.add_argument("--projection", choices=("prox", "hsp"), help="(default: prox)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
+    p.add_argument("--out", help=f"output folder (default: ./{d.out})")
     p.add_argument("--no-dense-reference", action="store_true",
                    help="skip training the dense model that the accuracy change is measured against")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from atofx.train_job import TrainJob, run, summary_table
+def train_job_from_args(args: argparse.Namespace):
+    """TrainJob defaults, then the --config file, then the flags the user gave."""
+    from atofx.train_job import TrainJob, load_recipe
 
-    job = TrainJob(model=args.model, dataset=args.dataset, data_dir=args.data_dir, epochs=args.epochs,
-                   batch_size=args.batch_size, target_flops=args.target_flops, method=args.method,
-                   projection=args.projection, device=args.device, seed=args.seed, out=args.out,
-                   dense_reference=not args.no_dense_reference, progress=not args.quiet)
+    values = load_recipe(args.config) if getattr(args, "config", None) else {}
+    for dest, value in vars(args).items():
+        if dest in ("config", "run", "command"):
+            continue
+        if dest in _FLAG_FIELDS:
+            values[_FLAG_FIELDS[dest]] = not value
+        else:
+            values[dest] = value
+    return TrainJob(**values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from atofx.train_job import run, summary_table
+
+    job = train_job_from_args(args)
     summary = run(job)
     print(summary_table(summary))
-    print(f"wrote {Path(args.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg")
+    print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg, "
+          "accuracy_flops.png, widths.png")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="print a finished run's summary table and redraw its plots",
+        description="Read RUN_DIR/summary.json, log.jsonl and widths.json (written by `atofx train`), print the "
+        "summary table and redraw RUN_DIR/accuracy_flops.png and RUN_DIR/widths.png.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help="the --out folder of an `atofx train` run")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from atofx.plots import draw_run_plots
+    from atofx.train_job import summary_table
+
+    written = draw_run_plots(args.run_dir)  # checks the folder and names any missing file first
+    print(summary_table(json.loads((args.run_dir / "summary.json").read_text())))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -173,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", title="commands", required=True)
     _add_inspect(sub)
     _add_train(sub)
+    _add_report(sub)
     return parser
 
 

@@ -1,10 +1,43 @@
-"""Data recipes. `digits`: scikit-learn's bundled 8x8 handwritten digits, real data, no download."""
+"""Data recipes: `digits` (scikit-learn's bundled 8x8 digits, no download) and the paper's datasets
+through torchvision: `cifar10`, `cifar100`, `imagenet` and `folder` (any ImageFolder tree with
+`train/` and `val/`)."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from atofx.errors import AtofxError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "folder")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DatasetError(AtofxError):
+    """A dataset is missing, incomplete or could not be downloaded."""
+
+
+@dataclass
+class ImageData:
+    """Training and validation sets of one recipe, with what the model needs to know about them."""
+
+    train: Dataset
+    val: Dataset
+    classes: int
+    channels: int
+    size: int  # height = width of the images the model sees
+
+    @property
+    def example_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.channels, self.size, self.size)
 
 
 def digits(seed: int = 0, val_share: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
@@ -25,3 +58,134 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
     gen = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
             DataLoader(val, batch_size=256))
+
+
+# ----------------------------------------------------------------------------------- transforms
+def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Any, Any]:
+    """The standard CIFAR augmentation: RandomCrop(32, padding=4) + horizontal flip; val only normalises."""
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm]), T.Compose(norm)
+
+
+def imagenet_transforms(size: int = 224) -> tuple[Any, Any]:
+    """RandomResizedCrop(size) + flip for training; Resize(size * 256/224) + CenterCrop(size) for validation."""
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
+    val = T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+    return train, val
+
+
+# ----------------------------------------------------------------------------------- datasets
+def _data_root(name: str, data_dir: str | os.PathLike | None, download: bool) -> Path:
+    if data_dir is None:
+        raise DatasetError(f"dataset {name!r} needs --data-dir DIR: the folder that holds it"
+                           + (" (or where --download should put it)." if name.startswith("cifar") else "."))
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        if download and name.startswith("cifar"):
+            root.mkdir(parents=True, exist_ok=True)
+        else:
+            hint = " or add --download to fetch it there" if name.startswith("cifar") else ""
+            raise DatasetError(f"data folder {str(root)!r} does not exist; create it and put {name} in it{hint}.")
+    return root
+
+
+def cifar(name: str, data_dir: str | os.PathLike | None, download: bool = False) -> ImageData:
+    """CIFAR-10 or CIFAR-100 from torchvision's on-disk format (cifar-10-batches-py/, cifar-100-python/)."""
+    from torchvision import datasets
+
+    root = _data_root(name, data_dir, download)
+    cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    train_tf, val_tf = cifar_transforms(mean, std)
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    try:
+        train = cls(str(root), train=True, transform=train_tf, download=download)
+        val = cls(str(root), train=False, transform=val_tf, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+        raise DatasetError(
+            f"{name} was not found (or is damaged) in {str(root / folder)!r}: {exc} Unpack the python version "
+            f"of {name} there (https://www.cs.toronto.edu/~kriz/cifar.html) or add --download.") from exc
+    except (OSError, ValueError) as exc:  # no network, refused connection, bad archive
+        raise DatasetError(
+            f"could not download {name} into {str(root)!r} ({type(exc).__name__}: {exc}). Fetch the python "
+            f"version by hand from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there, then run "
+            f"again without --download.") from exc
+    return ImageData(train, val, classes, 3, 32)
+
+
+def _image_folder(path: Path, transform: Any, what: str) -> Dataset:
+    from torchvision import datasets
+
+    if not path.is_dir():
+        raise DatasetError(f"{what}: folder {str(path)!r} is missing; it must hold one subfolder of images per class.")
+    try:
+        return datasets.ImageFolder(str(path), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folder, or class folders without images
+        raise DatasetError(f"{what}: {exc} Put one subfolder of images per class in {str(path)!r}.") from exc
+
+
+def folder(data_dir: str | os.PathLike | None, size: int = 224, name: str = "folder") -> ImageData:
+    """ImageFolder trees DATA_DIR/train/<class>/*.png and DATA_DIR/val/<class>/*.png, the ImageNet pipeline at `size`."""
+    root = _data_root(name, data_dir, False)
+    train_tf, val_tf = imagenet_transforms(size)
+    train = _image_folder(root / "train", train_tf, name)
+    val = _image_folder(root / "val", val_tf, name)
+    if train.classes != val.classes:  # type: ignore[attr-defined]
+        only_train = sorted(set(train.classes) - set(val.classes))  # type: ignore[attr-defined]
+        only_val = sorted(set(val.classes) - set(train.classes))  # type: ignore[attr-defined]
+        raise DatasetError(f"{name}: train/ and val/ must hold the same class folders; only in train/: "
+                           f"{only_train or '-'}, only in val/: {only_val or '-'}.")
+    return ImageData(train, val, len(train.classes), 3, size)  # type: ignore[attr-defined]
+
+
+def imagenet(data_dir: str | os.PathLike | None, size: int = 224) -> ImageData:
+    """ImageNet as DATA_DIR/train and DATA_DIR/val class folders, or from its archives (torchvision.datasets.ImageNet)."""
+    root = _data_root("imagenet", data_dir, False)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return folder(root, size, "imagenet")
+    archives = ("ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+    if all((root / a).is_file() for a in archives):
+        from torchvision import datasets
+
+        train_tf, val_tf = imagenet_transforms(size)
+        train = datasets.ImageNet(str(root), split="train", transform=train_tf)  # unpacks the archives once
+        val = datasets.ImageNet(str(root), split="val", transform=val_tf)
+        return ImageData(train, val, len(train.classes), 3, size)
+    raise DatasetError(
+        f"imagenet: {str(root)!r} holds neither train/ and val/ class folders nor the archives {', '.join(archives)}; "
+        "put either there (val/ must be sorted into class folders too).")
+
+
+def load_images(name: str, data_dir: str | os.PathLike | None, size: int, download: bool = False) -> ImageData:
+    """The datasets and facts of recipe `name` (any of DATASETS but digits); `size` matters for folder and imagenet."""
+    if name in ("cifar10", "cifar100"):
+        return cifar(name, data_dir, download)
+    if download:
+        raise DatasetError(f"--download works for cifar10 and cifar100 only; fetch {name} yourself and drop it.")
+    if name == "imagenet":
+        return imagenet(data_dir, size)
+    if name == "folder":
+        return folder(data_dir, size)
+    raise AtofxError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}.")
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def loaders(data: ImageData, batch_size: int, seed: int = 0, num_workers: int | None = None,
+            pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Shuffled training loader (its own seeded generator, so runs resume exactly) and validation loader."""
+    workers = default_workers() if num_workers is None else num_workers
+    if workers < 0:
+        raise AtofxError(f"num_workers must be >= 0, got {workers}.")
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+    train = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                       **common)  # type: ignore[arg-type]
+    val = DataLoader(data.val, batch_size=batch_size, **common)
+    return train, val

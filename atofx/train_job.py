@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +15,34 @@ from torch import nn
 
 import atofx
 from atofx.cifar_models import CIFAR_MODELS
+from atofx.datasets import DATASETS, load_images, loaders
 from atofx.errors import AtofxError
 from atofx.model import resolve_device
-from atofx.plain_training import train_plain
+from atofx.plain_training import default_optimizer, train_plain
+from atofx.plots import draw_run_plots
 from atofx.report import format_table
 from atofx.trainer import evaluate
 
-DATASETS = ("digits",)
 # digits has 1437 training images: the paper's 5% would give the controller two steps an epoch
 CONTROLLER_DATA = {"digits": 0.5}
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+# a small dataset's D_CN may be one batch: repeat it so the controller still learns (digits and CIFAR have >= 10)
+MIN_CONTROLLER_STEPS = 10
 
 
 @dataclass
 class TrainJob:
-    """Everything `atofx train` needs; the defaults are the embedded digits run."""
+    """Everything `atofx train` needs; the defaults are the embedded digits run. A recipe file's keys are these fields."""
 
     model: str = "resnet20"
     dataset: str = "digits"
     data_dir: str | None = None
+    download: bool = False  # cifar10/cifar100 only: fetch into data_dir
+    num_workers: int | None = None  # loader worker processes; None: min(4, CPU count); digits loads in-process
+    image_size: int | None = None  # folder/imagenet; None: 32 for atofx's CIFAR models, 224 otherwise
     epochs: int = 30
     batch_size: int = 64
+    lr: float = 0.1  # SGD (momentum 0.9, nesterov, weight decay 5e-4), cosine schedule; dense reference alike
     target_flops: float = 0.5
     method: str = "ato"
     projection: str = "prox"
@@ -42,27 +51,125 @@ class TrainJob:
     out: str = "atofx-out"
     dense_reference: bool = True
     progress: bool = True
-    controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper, 0.5 on digits)
+    controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper; see controller_share)
+    controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
 
 
-def _data(job: TrainJob) -> tuple[Any, Any, int, int, tuple[int, ...]]:
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file (YAML or JSON) as a dict of TrainJob fields; unknown keys and wrong types are refused."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AtofxError(f"recipe file {str(path)!r} does not exist; the recipes shipped with atofx are in recipes/.")
+    if path.suffix not in RECIPE_SUFFIXES:
+        raise AtofxError(f"recipe file {str(path)!r}: use a .yaml, .yml or .json file.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
+        raise AtofxError(f"recipe file {str(path)!r} cannot be read: {' '.join(str(exc).split())}") from exc
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise AtofxError(f"recipe file {str(path)!r} must be a mapping of TrainJob fields (key: value).")
+    known = {f.name: f for f in fields(TrainJob)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise AtofxError(f"recipe file {str(path)!r}: unknown key(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(known)}.")
+    defaults = TrainJob()
+    for key, value in data.items():
+        expected = type(getattr(defaults, key))
+        if value is None or getattr(defaults, key) is None or isinstance(value, expected) \
+                or (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+            continue
+        raise AtofxError(f"recipe file {str(path)!r}: {key} must be a {expected.__name__}, got {value!r}.")
+    return data
+
+
+def controller_share(job: TrainJob, n_train: int) -> float:
+    """Share of the training set in D_CN: the job's, else 0.05 as in the paper, 0.5 on digits, and on a
+    small folder enough for about 1000 images (at most half of it) so the controller gets several steps."""
+    if job.controller_data is not None:
+        return job.controller_data
+    if job.dataset == "folder":
+        return max(0.05, min(0.5, 1000 / max(n_train, 1)))
+    return CONTROLLER_DATA.get(job.dataset, 0.05)
+
+
+def controller_passes(job: TrainJob, n_train: int) -> int:
+    """Passes over D_CN per epoch: the job's, else as many as give the controller MIN_CONTROLLER_STEPS steps."""
+    if job.controller_epochs is not None:
+        return job.controller_epochs
+    batches = math.ceil(math.ceil(controller_share(job, n_train) * n_train) / job.batch_size)
+    return max(1, math.ceil(MIN_CONTROLLER_STEPS / max(batches, 1)))
+
+
+def uses_cifar_model(job: TrainJob) -> bool:
+    return job.model in CIFAR_MODELS
+
+
+def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, tuple[int, ...]]:
     """(train loader, val loader, classes, input channels, example input shape)."""
     if job.dataset == "digits":
         from atofx.datasets import digits_loaders
 
         train, val = digits_loaders(job.batch_size, job.seed)
         return train, val, 10, 1, (1, 1, 8, 8)
-    raise AtofxError(f"unknown dataset {job.dataset!r}; available: {', '.join(DATASETS)}.")
+    if job.dataset not in DATASETS:
+        raise AtofxError(f"unknown dataset {job.dataset!r}; available: {', '.join(DATASETS)}.")
+    if job.image_size is not None and job.image_size <= 0:
+        raise AtofxError(f"image_size must be a positive number of pixels, got {job.image_size}.")
+    size = job.image_size or (32 if uses_cifar_model(job) else 224)
+    data = load_images(job.dataset, job.data_dir, size, job.download)
+    train, val = loaders(data, job.batch_size, job.seed, job.num_workers, pin_memory)
+    return train, val, data.classes, data.channels, data.example_shape
 
 
 def _model(job: TrainJob, classes: int, channels: int) -> nn.Module:
+    """atofx's CIFAR models and torchvision's with the dataset's classes; a user's factory as it is."""
+    from atofx import model_zoo
+
     torch.manual_seed(job.seed)
     if job.model in CIFAR_MODELS:
         return CIFAR_MODELS[job.model](num_classes=classes, in_channels=channels)
-    from atofx.model_zoo import resolve_model
+    if ":" in job.model:
+        return model_zoo._load_factory(job.model, None)[0]
+    if job.model not in model_zoo.torchvision_models():
+        import difflib
 
-    model, _ = resolve_model(job.model)
-    return model
+        names = [*CIFAR_MODELS, *model_zoo.torchvision_models()]
+        close = difflib.get_close_matches(job.model, names, n=3, cutoff=0.5)
+        raise model_zoo.ModelNotFoundError(
+            f"unknown model {job.model!r}: " + (f"did you mean {', '.join(close)}? " if close else "")
+            + f"Give a CIFAR model ({', '.join(CIFAR_MODELS)}), a torchvision classification model or "
+            "package.module:factory.")
+    if channels != 3:
+        raise AtofxError(f"torchvision's {job.model} takes 3-channel images but {job.dataset} has {channels}; "
+                         f"use a CIFAR model ({', '.join(CIFAR_MODELS)}) or an RGB dataset.")
+    import torchvision
+
+    extra = {"aux_logits": False, "init_weights": False} if job.model in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(job.model, weights=None, num_classes=classes, **extra)
+
+
+def _out_width(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels  # type: ignore[return-value]
+
+
+def layer_widths(dense: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+    """Output width of every conv and linear layer of `dense`, before and after pruning (0: layer removed)."""
+    after = dict(pruned.named_modules())
+    rows = []
+    for name, layer in dense.named_modules():
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            small = after.get(name)
+            rows.append({"name": name, "type": type(layer).__name__, "before": _out_width(layer),
+                         "after": _out_width(small) if isinstance(small, type(layer)) else 0})
+    return rows
 
 
 def run(job: TrainJob) -> dict[str, Any]:
@@ -71,7 +178,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(job.device, nn.Linear(1, 1))
-    train_loader, val_loader, classes, channels, example_shape = _data(job)
+    train_loader, val_loader, classes, channels, example_shape = _data(job, pin_memory=device.type == "cuda")
     loss_fn = nn.functional.cross_entropy
     model = _model(job, classes, channels)
     dense_model = copy.deepcopy(model)
@@ -83,23 +190,28 @@ def run(job: TrainJob) -> dict[str, Any]:
         if dense_file.exists():
             accuracy_dense = json.loads(dense_file.read_text())["accuracy_dense"]
         else:
-            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, job.progress)
+            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, job.progress, lr=job.lr)
             accuracy_dense = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
             dense_file.write_text(json.dumps({"accuracy_dense": accuracy_dense}))
 
     ato = atofx.compile(model, example)
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
     ato.visualize(out / "zigs.svg")
+    optimizer, scheduler = default_optimizer(model, job.epochs, job.lr)
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
+              optimizer=optimizer, scheduler=scheduler,
               projection=job.projection, device=device, seed=job.seed, checkpoint_dir=out / "checkpoints",
               log_path=out / "log.jsonl", progress=job.progress,
-              controller_data=job.controller_data or CONTROLLER_DATA.get(job.dataset, 0.05))
+              controller_data=controller_share(job, len(train_loader.dataset)),
+              controller_epochs=controller_passes(job, len(train_loader.dataset)))
     accuracy_trained = evaluate(model, val_loader, device, loss_fn)["accuracy"]
     small = ato.prune()
     accuracy_pruned = evaluate(small, val_loader, device, loss_fn)["accuracy"]
     small_cpu = copy.deepcopy(small).cpu()
     flops_after, params_after = atofx.count_flops(small_cpu, example), atofx.count_params(small_cpu)
     atofx.save(small_cpu, out / "pruned.pt", example)
+    (out / "widths.json").write_text(json.dumps({"model": job.model, "layers": layer_widths(dense_model, small_cpu)},
+                                                indent=1))
     summary = {
         "model": job.model,
         "dataset": job.dataset,
@@ -119,6 +231,7 @@ def run(job: TrainJob) -> dict[str, Any]:
         "job": asdict(job),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    draw_run_plots(out)
     return summary
 
 
