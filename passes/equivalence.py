@@ -55,7 +55,8 @@ class _Record(fx.Interpreter):
         return out
 
 
-def _node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
+def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
+    """Every node's value in one eval-mode run; nodes after a failure are missing."""
     rec = _Record(gm)
     rec.values = {}
     was = gm.training
@@ -73,7 +74,7 @@ def _node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
 def first_divergence(reference: fx.GraphModule, pruned: fx.GraphModule, inputs: tuple, zigs: ZIGSet,
                      keep_comp: np.ndarray, tol: float) -> str:
     """Name of the first node whose pruned value differs from the masked value at the kept channels."""
-    ref, new = _node_values(reference, inputs), _node_values(pruned, inputs)
+    ref, new = node_values(reference, inputs), node_values(pruned, inputs)
     for node in reference.graph.nodes:
         lay = zigs.facts.layouts.get(node.name)
         if node.name not in ref or not isinstance(lay, ChannelLayout) or not isinstance(ref[node.name], torch.Tensor):

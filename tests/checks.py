@@ -6,23 +6,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 from atofx.passes.channel_layout import ChannelLayout
+from atofx.passes.equivalence import node_values
 
 from atofx.model import ATOModel
-
-
-class _Record(fx.Interpreter):
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        self.values[n.name] = out
-        return out
-
-
-def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, object]:
-    rec = _Record(gm)
-    rec.values = {}
-    with torch.no_grad():
-        rec.run(*inputs)
-    return rec.values
 
 
 def _layouts(value) -> list[tuple[int, ChannelLayout]]:

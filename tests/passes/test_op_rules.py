@@ -35,15 +35,6 @@ SHAPES = {1: (2, 4, 8), 2: (2, 4, 6, 6), 3: (1, 4, 4, 4, 4)}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: a second intra-op thread only adds synchronisation (tens of ms per conv under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cover(*keys: Any) -> tuple:
     """Register table keys as exercised by a case; returns them for the in-graph check."""
     COVERED.update(keys)

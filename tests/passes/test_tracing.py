@@ -12,14 +12,6 @@ import atofx
 from atofx.errors import AtofxError, TraceError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Branchy(nn.Module):
     """Data-dependent control flow: an `if` on a tensor value."""
 

@@ -22,16 +22,6 @@ from tests.strategies import random_cnns
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add contention (a 2x8x16x16 conv takes 15 ms instead of
-    0.15 ms with two threads on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _compile(model: nn.Module, x: torch.Tensor):
     return atofx.compile(model, x)
 
