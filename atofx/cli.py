@@ -159,6 +159,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     p.add_argument("--out", help=f"output folder (default: ./{d.out})")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on digits, torch's choice otherwise)")
     p.add_argument("--no-dense-reference", action="store_true",
                    help="skip training the dense model that the accuracy change is measured against")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

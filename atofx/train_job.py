@@ -53,6 +53,7 @@ class TrainJob:
     progress: bool = True
     controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper; see controller_share)
     controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
+    threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -177,6 +178,11 @@ def run(job: TrainJob) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
+    threads = job.threads if job.threads is not None else (1 if job.dataset == "digits" else None)
+    if threads is not None:
+        # digits convolutions are tiny: a second thread only adds synchronisation, and on a busy machine
+        # spinning threads make them tens of times slower
+        torch.set_num_threads(threads)
     device = resolve_device(job.device, nn.Linear(1, 1))
     train_loader, val_loader, classes, channels, example_shape = _data(job, pin_memory=device.type == "cuda")
     loss_fn = nn.functional.cross_entropy

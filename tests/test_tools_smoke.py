@@ -1,0 +1,126 @@
+"""Smoke tests for tools/bench_latency.py and tools/bench_accuracy.py: their core functions on tiny settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import atofx
+from atofx.cifar_models import resnet20
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str):
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))  # bench_accuracy imports bench_latency as a sibling module
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_latency = _load("bench_latency")
+bench_accuracy = _load("bench_accuracy")
+
+
+@pytest.fixture(scope="module")
+def digits_ato() -> atofx.ATOModel:
+    torch.manual_seed(0)
+    return atofx.compile(resnet20(10, 1), (torch.randn(1, 1, 8, 8),))
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.7])
+def test_uniform_mask_meets_flops_target(digits_ato, keep):
+    mask, kept = bench_latency.uniform_mask(digits_ato, keep, seed=1)
+    mask.validate(digits_ato.zigs)
+    assert abs(kept - keep) <= 0.01
+    assert kept == pytest.approx(digits_ato.flops(mask) / digits_ato.flops())
+    # the same share of every space (up to rounding to whole channels)
+    shares = [float(b.float().mean()) for b in mask.bits.values()]
+    assert max(shares) - min(shares) < 0.2
+
+
+def test_uniform_mask_flops_agree_with_counter_after_pruning(digits_ato):
+    mask, kept = bench_latency.uniform_mask(digits_ato, 0.5)
+    x = digits_ato.example_inputs
+    small = digits_ato.prune(mask)
+    counted = atofx.count_flops(small, x) / atofx.count_flops(digits_ato.model, x)
+    assert counted == pytest.approx(kept, abs=0.01)
+
+
+def test_uniform_mask_rejects_bad_target(digits_ato):
+    with pytest.raises(ValueError):
+        bench_latency.uniform_mask(digits_ato, 0.0)
+
+
+def test_bench_model_rows(monkeypatch):
+    monkeypatch.setitem(bench_latency.MODELS, "tiny", (lambda: resnet20(10, 3), (3, 16, 16)))
+    rows = bench_latency.bench_model("tiny", (0.5,), (1, 4), repeats=2, warmup=1)
+    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 4)]
+    for r in rows:
+        assert abs(r["pruned_flops"] - 0.5) <= 0.01
+        assert r["flops_speedup"] == pytest.approx(1.0 / (1.0 - r["pruned_flops"]))
+        assert r["latency_speedup"] > 0 and r["dense_ms"] > 0 and r["pruned_ms"] > 0
+
+
+def test_l1_scores_are_the_l1_norm_of_each_zig(digits_ato):
+    scores = bench_accuracy.l1_scores(digits_ato)
+    assert set(scores) == {s.index for s in digits_ato.zigs.prunable}
+    params = dict(digits_ato.graph_module.named_parameters())
+    space = digits_ato.zigs.prunable[0]
+    expected = 0.0
+    seen = set()
+    for module, name, dim, idx in digits_ato.zigs.zig_slices(space.index, 2):
+        full = f"{module}.{name}" if module else name
+        if full in params and (full, dim) not in seen:
+            seen.add((full, dim))
+            expected += float(params[full].detach().index_select(dim, torch.as_tensor(idx)).abs().sum())
+    assert float(scores[space.index][2]) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.7])
+def test_l1_mask_respects_target_and_drops_the_smallest(keep):
+    torch.manual_seed(0)
+    ato = atofx.compile(resnet20(10, 1), (torch.randn(1, 1, 8, 8),))
+    widest = max(ato.zigs.prunable, key=lambda s: s.width)
+    params = dict(ato.graph_module.named_parameters())
+    with torch.no_grad():  # make ZIG 0 of the widest space the least important one
+        for module, name, dim, idx in ato.zigs.zig_slices(widest.index, 0):
+            full = f"{module}.{name}" if module else name
+            if full in params:
+                params[full].index_fill_(dim, torch.as_tensor(idx), 0.0)
+    scores = bench_accuracy.l1_scores(ato)
+    assert float(scores[widest.index][0]) == 0.0
+    mask, kept = bench_accuracy.threshold_mask(ato, scores, keep)
+    mask.validate(ato.zigs)
+    assert kept == pytest.approx(ato.flops(mask) / ato.flops())
+    assert keep - 0.03 <= kept <= keep + 1e-9
+    assert not bool(mask.bits[widest.index][0])
+    for index, bits in mask.bits.items():  # the best ZIG of every space survives
+        s = scores[index].numpy()
+        assert s[np.asarray(bits)].max() >= s.max() - 1e-12
+
+
+def test_summary_and_figures():
+    runs = [{"method": "dense", "pruned_flops_target": 0.0, "flops_kept": 1.0, "accuracy": a} for a in (98.0, 99.0)]
+    runs += [{"method": m, "pruned_flops_target": 0.5, "flops_kept": k, "accuracy": a}
+             for m, k, a in [("ato", 0.50, 98.0), ("ato", 0.51, 98.4), ("static", 0.49, 97.0), ("l1", 0.5, 97.5),
+                             ("random", 0.5, 96.0)]]
+    rows = bench_accuracy.summarize(runs, (0.5,))
+    ato = next(r for r in rows if r["method"] == "ato")
+    assert ato["acc_mean"] == pytest.approx(98.2) and ato["flops_kept_mean"] == pytest.approx(0.505)
+    assert ato["acc_std"] == pytest.approx(float(np.std([98.0, 98.4], ddof=1)))
+    assert bench_accuracy.figures(rows, (0.5,)) == {
+        "ato_meets_flops_at_0.50": True, "ato_best_at_0.50": True, "ato_within_1pt_of_dense_at_0.50": True}
+    # an ATO mask that misses the FLOPs target does not win, however accurate
+    for r in rows:
+        if r["method"] == "ato":
+            r["flops_kept_mean"] = 0.6
+    assert bench_accuracy.figures(rows, (0.5,))["ato_best_at_0.50"] is False
