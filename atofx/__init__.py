@@ -3,6 +3,8 @@
 from atofx.counting import count_flops, count_params
 from atofx.errors import (
     AtofxError,
+    ConfigError,
+    DataError,
     EquivalenceError,
     MaskError,
     NoPrunableSpaceError,
@@ -20,6 +22,8 @@ __all__ = [
     "ATOConfig",
     "ATOModel",
     "AtofxError",
+    "ConfigError",
+    "DataError",
     "ChannelSpace",
     "EquivalenceError",
     "MaskError",

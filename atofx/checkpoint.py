@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from atofx.errors import AtofxError, UnsafeCheckpointError
+from atofx.errors import ConfigError, UnsafeCheckpointError
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -97,7 +97,7 @@ def check_compatible(saved: dict[str, Any], fingerprint: dict[str, Any], folder:
     old = saved.get("fingerprint", {})
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
     if diff:
-        raise AtofxError(
+        raise ConfigError(
             f"the checkpoint in {folder} was written for a different run (differs in: {', '.join(diff)}). "
             "Use a new checkpoint_dir, or delete that folder to start afresh."
         )

@@ -78,7 +78,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from atofx.model_zoo import load
 
     zoo = load(args.model, args.input_size)
-    with _held_stderr():  # torch's ShapeProp prints a traceback before atofx turns the failure into a ShapeError
+    with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
         ato = atofx.compile(zoo.model, zoo.example)
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())

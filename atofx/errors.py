@@ -15,6 +15,14 @@ class ShapeError(AtofxError):
     """Example inputs or a batch do not fit the model."""
 
 
+class ConfigError(AtofxError):
+    """An argument is out of its range: target_flops, epochs, method, device, ..."""
+
+
+class DataError(AtofxError):
+    """A data loader cannot be used for training: empty, or without a length and indexing."""
+
+
 class NoPrunableSpaceError(AtofxError):
     """The analysis found no channel space that can be pruned."""
 

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from atofx.errors import AtofxError, EquivalenceError, ShapeError
+from atofx.errors import AtofxError, ConfigError, DataError, EquivalenceError, ShapeError
 from atofx.mask import Mask
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
@@ -52,6 +52,75 @@ class _EvalNoGrad:
             m.training = mode
 
 
+class _NodeFailed(BaseException):
+    """A node failed during shape propagation (a BaseException so fx and ShapeProp pass it on untouched)."""
+
+    def __init__(self, node: fx.Node, exc: Exception):
+        super().__init__(node.name)
+        self.node, self.exc = node, exc
+
+
+class _QuietShapeProp(ShapeProp):
+    """ShapeProp that reports the failing node and its root cause instead of printing a traceback."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n
+        return super().run_node(n)
+
+    def _guard(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return getattr(super(), kind)(target, args, kwargs)
+        except Exception as exc:
+            raise _NodeFailed(self._node, exc) from exc
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._guard("call_module", target, args, kwargs)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._guard("call_function", target, args, kwargs)
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._guard("call_method", target, args, kwargs)
+
+
+def _describe_input(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe_input(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe_input(v) for v in x) + ")"
+    return type(x).__name__
+
+
+def _node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _as_meta(x: Any) -> Any:
+    """The same structure with every tensor replaced by a meta tensor of its shape and dtype."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    if isinstance(x, dict):
+        return {k: _as_meta(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_as_meta(v) for v in x] if isinstance(x, list) else tuple(_as_meta(v) for v in x)
+    return x
+
+
+def _first_sample(x: Any) -> Any:
+    """The first sample of a batch, keeping the batch dim: tensors sliced [:1], containers walked."""
+    if isinstance(x, torch.Tensor):
+        return x[:1]
+    if isinstance(x, dict):
+        return {k: _first_sample(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_first_sample(v) for v in x] if isinstance(x, list) else tuple(_first_sample(v) for v in x)
+    return x
+
+
 class ATOModel:
     """A model traced by atofx: its graph, its ZIGs and channel spaces."""
 
@@ -61,6 +130,7 @@ class ATOModel:
         self.trace_options = trace_options or {}
         self.mask: Mask | None = None
         self.example_inputs: tuple | None = None
+        self.example_output: Any = None
         self._facts: ChannelFacts | None = None
         self._zigs: ZIGSet | None = None
         self._flops: FlopsModel | None = None
@@ -71,15 +141,18 @@ class ATOModel:
         inputs = self._fill_concrete(_as_tuple(example_inputs))
         with _EvalNoGrad(self.graph_module):
             try:
-                ShapeProp(self.graph_module).propagate(*inputs)
-            except Exception as exc:
-                shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-                                   for x in inputs)
+                output = _QuietShapeProp(self.graph_module).propagate(*inputs)
+            except _NodeFailed as failed:
+                shapes = ", ".join(_describe_input(x) for x in inputs)
+                cause = str(failed.exc).strip().splitlines()
                 raise ShapeError(
-                    f"the model failed on the example inputs ({shapes}): {type(exc).__name__}: {exc}. "
-                    "Pass example_inputs shaped like one real batch (a tuple with one entry per forward argument)."
-                ) from exc
+                    f"the model failed on the example inputs ({shapes}) at node '{failed.node.name}' "
+                    f"({_node_kind(self.graph_module, failed.node)}): {type(failed.exc).__name__}: "
+                    f"{cause[0] if cause else ''}. Pass example_inputs shaped like one real batch "
+                    "(a tuple with one entry per forward argument)."
+                ) from failed.exc
         self.example_inputs = inputs
+        self.example_output = _as_meta(output)  # shapes only: what batches' labels are checked against
         self._facts = ChannelDependencyPass(self.graph_module).run()
         self._zigs = infer_zigs(self._facts)
         self._flops = None
@@ -183,7 +256,7 @@ class ATOModel:
         if self._zigs is None:
             raise AtofxError("analyse the model first: atofx.compile(model, example_inputs) or ato.analyze(batch).")
         if epochs < 1:
-            raise AtofxError(f"epochs must be at least 1, got {epochs}.")
+            raise ConfigError(f"epochs must be at least 1, got {epochs}.")
         dev = resolve_device(device, self.model)
         self.model.to(dev)
         self._trainer = ATOTrainer(self, ATOConfig(target_flops=target_flops, **config), epochs, dev)
@@ -242,9 +315,9 @@ class ATOModel:
         if self._zigs is None:
             first = next(iter(train_loader), None)
             if first is None:
-                raise AtofxError("the training loader yielded no batch.")
+                raise DataError("the training loader yielded no batch; check the dataset and batch_size/drop_last.")
             inputs, _ = split_batch(first)
-            self.analyze(tuple(x[:1] for x in inputs))
+            self.analyze(tuple(_first_sample(x) for x in inputs))
         trainer = self.start_training(
             epochs, target_flops, device, lam=lam, gamma=gamma, warmup=warmup, controller_window=controller_window,
             controller_data=controller_data, projection=projection, method=method, seed=seed, **config)
@@ -283,7 +356,7 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AtofxError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'.")
+        raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'.")
     return dev
 
 

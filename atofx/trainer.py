@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from atofx import checkpoint as ckpt
 from atofx.controller import Controller, Masks
-from atofx.errors import AtofxError, ShapeError
+from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
 from atofx.flops_regularizer import controller_loss
 from atofx.mask import Mask
 from atofx.passes.instrument import instrument
@@ -63,16 +63,16 @@ class ATOConfig:
 
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
-            raise AtofxError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")
+            raise ConfigError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")
         if self.method not in ("ato", "static"):
-            raise AtofxError(f"method must be 'ato' or 'static', got {self.method!r}.")
+            raise ConfigError(f"method must be 'ato' or 'static', got {self.method!r}.")
         if self.projection not in ("prox", "hsp"):
-            raise AtofxError(f"projection must be 'prox' or 'hsp', got {self.projection!r}.")
+            raise ConfigError(f"projection must be 'prox' or 'hsp', got {self.projection!r}.")
         start, end = self.controller_window
         if not 0.0 <= start < end <= 1.0:
-            raise AtofxError(f"controller_window must satisfy 0 <= start < end <= 1, got {self.controller_window}.")
+            raise ConfigError(f"controller_window must satisfy 0 <= start < end <= 1, got {self.controller_window}.")
         if not 0.0 < self.controller_data <= 1.0:
-            raise AtofxError(f"controller_data must be in (0, 1], got {self.controller_data}.")
+            raise ConfigError(f"controller_data must be in (0, 1], got {self.controller_data}.")
 
 
 @dataclass
@@ -116,6 +116,139 @@ def split_batch(batch: Any) -> tuple[tuple, Tensor]:
     return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
 
 
+def loader_length(loader: Any) -> int:
+    """Batches per epoch of a training loader; refused when it has no length or no batch."""
+    try:
+        n = len(loader)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            len(dataset)
+    except TypeError as exc:
+        raise DataError(
+            "the training loader has no length (an IterableDataset or a generator): ATO needs a map-style dataset "
+            "(__len__ and __getitem__) in a DataLoader, to draw the controller's subset and to resume by epoch."
+        ) from exc
+    if n == 0:
+        raise DataError("the training loader yielded no batch; check the dataset and batch_size/drop_last.")
+    return n
+
+
+def main_output(out: Any) -> Any:
+    """The logits of a model output: the tensor itself, a tuple's first entry, a dict's 'logits'/'out' or first."""
+    if isinstance(out, (tuple, list)) and out:
+        return main_output(out[0])
+    if isinstance(out, dict) and out:
+        key = next((k for k in ("logits", "out") if k in out), next(iter(out)))
+        return main_output(out[key])
+    return out
+
+
+def _leaves(x: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(x, dict):
+        return [leaf for k, v in x.items() for leaf in _leaves(v, f"{path}[{k!r}]")]
+    if isinstance(x, (tuple, list)):
+        return [leaf for i, v in enumerate(x) for leaf in _leaves(v, f"{path}[{i}]")]
+    return [(path, x)]
+
+
+def _kind(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "float" if t.is_floating_point() or t.is_complex() else "integer"
+
+
+def _shape(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def check_inputs(example: tuple | None, inputs: tuple) -> list[str]:
+    """Refuse batch inputs whose structure, rank or dtype differ from the analysed example inputs.
+
+    Returns the inputs whose sizes (batch dim aside) or precision differ: allowed if the model runs
+    on them (another resolution), reported if it does not.
+    """
+    if example is None:
+        return []
+    want = [leaf for i, x in enumerate(example) for leaf in _leaves(x, f"input {i}")]
+    got = [leaf for i, x in enumerate(inputs) for leaf in _leaves(x, f"input {i}")]
+    if [p for p, _ in want] != [p for p, _ in got]:
+        raise ShapeError(
+            f"the batch inputs ({', '.join(p for p, _ in got)}) do not match the model's example inputs "
+            f"({', '.join(p for p, _ in want)}): each batch must be (inputs, targets) with inputs laid out like "
+            "the example inputs given to atofx.compile.")
+    resized = []
+    for (path, e), (_, g) in zip(want, got, strict=True):
+        if not isinstance(e, Tensor) or not isinstance(g, Tensor):
+            continue
+        if _kind(e) != _kind(g):
+            raise ShapeError(
+                f"batch {path} is {_shape(g)} but the model expects {_kind(e)} values like its example "
+                f"{_shape(e)}: convert the batch (x.float() for images, e.g. torchvision's ToTensor).")
+        if g.dim() != e.dim():
+            raise ShapeError(
+                f"batch {path} has shape {tuple(g.shape)} but the model expects {e.dim()} dims like its example "
+                f"{tuple(e.shape)} (batch dim first): reshape the batch or pass matching example inputs.")
+        if tuple(g.shape[1:]) != tuple(e.shape[1:]) or g.dtype != e.dtype:
+            resized.append(f"batch {path} is {_shape(g)} but the model was analysed with {_shape(e)} "
+                           "(batch dim aside)")
+    return resized
+
+
+def checked_forward(model: nn.Module, inputs: tuple, example: tuple | None) -> Any:
+    """`model(*inputs)` for the first batch of an epoch: a batch that does not fit raises ShapeError."""
+    resized = check_inputs(example, inputs)
+    if not resized:
+        return model(*inputs)
+    try:
+        return model(*inputs)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        cause = str(exc).strip().splitlines()
+        raise ShapeError(f"{'; '.join(resized)}, and the model fails on it ({type(exc).__name__}: "
+                         f"{cause[0] if cause else ''}). Make the batches match the model's input.") from None
+
+
+def check_targets(out: Any, targets: Any, loss_fn: Any) -> None:
+    """With a cross-entropy loss: labels are class indices within the output width, or class probabilities.
+
+    `out` is the model's output or the example output's meta tensors (shapes only). One host sync,
+    on the first batch of an epoch only.
+    """
+    if loss_fn is nn.functional.cross_entropy:
+        ignore = -100
+    elif isinstance(loss_fn, nn.CrossEntropyLoss):
+        ignore = loss_fn.ignore_index
+    else:
+        return
+    logits = main_output(out)
+    if not isinstance(logits, Tensor) or not isinstance(targets, Tensor) or logits.dim() < 2:
+        return
+    classes = logits.shape[1]
+    expected = f"integer class indices of shape (batch,{' ...' if logits.dim() > 2 else ''}) or class " \
+               f"probabilities of shape (batch, {classes}{', ...' if logits.dim() > 2 else ''})"
+    if targets.is_floating_point():
+        if targets.dim() != logits.dim() or targets.shape[1] != classes:
+            raise ShapeError(f"the labels are {_shape(targets)}; cross-entropy on the model's {classes} outputs "
+                             f"expects {expected}: convert class labels with y.long().")
+        return
+    if _kind(targets) != "integer" or targets.dim() != logits.dim() - 1:
+        raise ShapeError(f"the labels are {_shape(targets)}; cross-entropy on the model's {classes} outputs "
+                         f"expects {expected}.")
+    bad = (targets != ignore) & ((targets < 0) | (targets >= classes))
+    if bool(bad.any()):
+        value = int(targets[bad].flatten()[0])
+        raise ShapeError(
+            f"label {value} is out of range for the model's {classes} outputs (classes 0..{classes - 1}): give the "
+            "model as many outputs as the dataset has classes (num_classes), or fix the labels.")
+
+
+def _hits(out: Any, targets: Tensor) -> Tensor:
+    """Correct top-1 predictions in a batch (soft labels: their argmax is the class)."""
+    pred = main_output(out).detach().argmax(dim=1 if main_output(out).dim() > 1 else -1)
+    if targets.is_floating_point() and targets.dim() > 1:
+        targets = targets.argmax(dim=1)
+    return (pred == targets).sum()
+
+
 class ATOTrainer:
     """The state of one ATO run over an analysed `ATOModel`, step by step."""
 
@@ -139,6 +272,8 @@ class ATOTrainer:
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.mask: Masks = {s.index: torch.ones(s.width, device=device) for s in zigs.prunable}
         self.state = TrainState()
+        # what batches are checked against; concrete_args fill some of the example's entries themselves
+        self.example_inputs = None if ato.trace_options.get("concrete_args") else ato.example_inputs
 
     # ------------------------------------------------------------------ the three user-facing steps
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -307,21 +442,25 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             loss_fn: Callable[[Any, Tensor], Tensor]) -> dict[str, float]:
-    """Mean loss and top-1 accuracy (%) in eval mode."""
+             loss_fn: Callable[[Any, Tensor], Tensor], example_inputs: tuple | None = None) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (%) in eval mode; the first batch is checked against `example_inputs`."""
     was = model.training
     model.eval()
     total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
     with torch.no_grad():
-        for batch in loader:
+        for step, batch in enumerate(loader):
             inputs, targets = split_batch(_to(batch, device))
-            out = model(*inputs)
+            if step == 0:
+                out = checked_forward(model, inputs, example_inputs)
+                check_targets(out, targets, loss_fn)  # eval mode: the output itself, no side effect to avoid
+            else:
+                out = model(*inputs)
             loss_sum += loss_fn(out, targets) * len(targets)
-            correct += (out.argmax(dim=-1) == targets).sum()
+            correct += _hits(out, targets)
             total += len(targets)
     model.train(was)
     if total == 0:
-        raise AtofxError("the validation loader yielded no batch.")
+        raise DataError("the validation loader yielded no batch; check the dataset and batch_size/drop_last.")
     return {"loss": float(loss_sum) / total, "accuracy": 100.0 * float(correct) / total}
 
 
@@ -336,7 +475,11 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
     for step, batch in enumerate(bar):
         inputs, targets = split_batch(_to(batch, device))
         with torch.autocast(device.type, enabled=scaler is not None):
-            out = model(*inputs)
+            if step == 0:  # the first batch of each epoch is checked, before it can touch BatchNorm statistics
+                check_targets(trainer.ato.example_output, targets, loss_fn)
+                out = checked_forward(model, inputs, trainer.example_inputs)
+            else:
+                out = model(*inputs)
             loss = loss_fn(out, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -348,7 +491,7 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
             optimizer.step()
         trainer.after_optimizer_step(optimizer)
         loss_sum += loss.detach() * len(targets)
-        correct += (out.detach().argmax(dim=-1) == targets).sum()
+        correct += _hits(out, targets)
         seen += len(targets)
         if progress and step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
@@ -380,10 +523,11 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Run (or resume) the whole schedule; returns one record per epoch."""
     device, ph = trainer.device, trainer.phases
-    n_batches = len(train_loader)
-    if n_batches == 0:
-        raise AtofxError("the training loader yielded no batch; check the dataset and batch_size/drop_last.")
+    n_batches = loader_length(train_loader)
     fingerprint = trainer.fingerprint(n_batches)
+    if trainer.config.method == "ato" and not hasattr(train_loader, "dataset"):
+        raise DataError(f"the training loader is a {type(train_loader).__name__}, not a DataLoader: ATO draws the "
+                        "controller's subset (D_CN) from loader.dataset; wrap your data in a torch DataLoader.")
     cn_loader = controller_subset(train_loader, trainer.config.controller_data, trainer.config.seed) \
         if trainer.config.method == "ato" else None
     # the loaders' own generators decide the batch order: saved and restored so a resumed run is the same run
@@ -430,7 +574,7 @@ def fit(
             "lr": float(optimizer.param_groups[0]["lr"]),
         }
         if val_loader is not None:
-            val = evaluate(model, val_loader, device, loss_fn)
+            val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         record["seconds"] = time.perf_counter() - started
         trainer.state.history.append(record)
