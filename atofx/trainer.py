@@ -14,6 +14,7 @@ masked activations) with the model's parameters frozen; only the controller lear
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -265,6 +266,8 @@ class ATOTrainer:
         self.gm = fx.GraphModule(ato.graph_module, copy.deepcopy(ato.graph_module.graph))
         self.slots = instrument(self.gm, zigs)
         self.gm.to(device)
+        # target-model steps and evaluation run the graph without mask nodes (same parameters, no overhead)
+        self.model = ato.graph_module
         self.params = ZIGParams.of(ato)
         self.flops = ato.flops_model
         self.controller = Controller.from_zigs(zigs, seed=config.seed).to(device)
@@ -280,12 +283,33 @@ class ATOTrainer:
         """Project the dropped ZIGs after an optimiser step (no-op during warm-up)."""
         if self.state.epoch < self.phases.warmup:
             return
-        lam = self.params.group_lambdas(self.mask, self.lam_now())
-        lr = self.params.step_size(optimizer)
+        lam = self._lambdas()
+        if lam is None:  # nothing dropped: the projection is the identity
+            return
+        lr = self._step_size(optimizer)
         if self.config.projection == "prox":
             self.params.proximal_group_lasso_(lam, lr)
         else:
             self.params.half_space_project_(lam, lr)
+
+    def _lambdas(self) -> Tensor | None:
+        """lambda_g per ZIG, rebuilt only when the mask or lambda changes (the hot loop stays cheap)."""
+        lam_now = self.lam_now()
+        cached = getattr(self, "_lam_cache", None)
+        if cached is None or cached[0] is not self.mask or cached[1] != lam_now:
+            lam = self.params.group_lambdas(self.mask, lam_now)
+            cached = (self.mask, lam_now, lam if bool((lam > 0).any()) else None)
+            self._lam_cache = cached
+        return cached[2]
+
+    def _step_size(self, optimizer: torch.optim.Optimizer) -> float:
+        """The optimiser's learning rate for the ZIG parameters, looked up again only when a rate changes."""
+        rates = tuple(g["lr"] for g in optimizer.param_groups)
+        cached = getattr(self, "_lr_cache", None)
+        if cached is None or cached[0] is not optimizer or cached[1] != rates:
+            cached = (optimizer, rates, self.params.step_size(optimizer))
+            self._lr_cache = cached
+        return cached[2]
 
     def controller_step(self, batch: Any, loss_fn: Callable[[Any, Tensor], Tensor] | None = None) -> dict[str, float]:
         """One controller update on a D_CN batch (no-op outside the controller window)."""
@@ -468,13 +492,13 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
                     loss_fn: Callable[[Any, Tensor], Tensor], scaler: Any = None, progress: bool = False,
                     desc: str = "") -> tuple[float, float]:
     """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %)."""
-    device, model = trainer.device, trainer.gm
+    device, model = trainer.device, trainer.model
     model.train()
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         inputs, targets = split_batch(_to(batch, device))
-        with torch.autocast(device.type, enabled=scaler is not None):
+        with torch.autocast(device.type) if scaler is not None else contextlib.nullcontext():
             if step == 0:  # the first batch of each epoch is checked, before it can touch BatchNorm statistics
                 check_targets(trainer.ato.example_output, targets, loss_fn)
                 out = checked_forward(model, inputs, trainer.example_inputs)
@@ -546,7 +570,7 @@ def fit(
             if log_path is not None:
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-    model = trainer.gm
+    model = trainer.model
     for epoch in range(trainer.state.epoch, ph.epochs):
         started = time.perf_counter()
         before = {k: v.clone() for k, v in trainer.mask.items()}
