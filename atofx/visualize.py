@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import graphviz
 
-from atofx.passes.channel_layout import ChannelLayout
+from atofx.passes.channel_layout import layouts_in
 
 if TYPE_CHECKING:
     from atofx.model import ATOModel
@@ -22,21 +22,13 @@ _PALETTE = [
 _PINNED = "#d9d9d9"
 
 
-def _layouts(value: object) -> list[ChannelLayout]:
-    if isinstance(value, ChannelLayout):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [x for x in value if isinstance(x, ChannelLayout)]
-    return []
-
-
 def build_graph(ato: ATOModel) -> graphviz.Digraph:
     zigs = ato.zigs
     facts = zigs.facts
     dot = graphviz.Digraph(type(ato.model).__name__, graph_attr={"rankdir": "TB", "fontsize": "10"},
                            node_attr={"shape": "box", "style": "filled,rounded", "fontsize": "9"})
     for name, lay in facts.layouts.items():
-        lays = _layouts(lay)
+        lays = layouts_in(lay)
         if not lays:
             continue
         spaces = Counter(int(s) for x in lays for s in zigs.comp_space[zigs.labels[x.ids]])

@@ -35,6 +35,15 @@ class ChannelLayout:
         return replace(self, zero=np.broadcast_to(np.asarray(zero, dtype=bool), self.ids.shape).copy())
 
 
+def layouts_in(value: object) -> list[ChannelLayout]:
+    """The layouts a node carries: its own, or those of the tensors in the tuple it returns."""
+    if isinstance(value, ChannelLayout):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [x for x in value if isinstance(x, ChannelLayout)]
+    return []
+
+
 def concat(layouts: list[ChannelLayout], dim: int) -> ChannelLayout:
     return ChannelLayout(
         dim, np.concatenate([x.ids for x in layouts]), np.concatenate([x.zero for x in layouts])

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .channel_layout import ChannelLayout
+from .channel_layout import ChannelLayout, layouts_in
 
 Role = Literal["out", "in"]
 
@@ -143,14 +143,8 @@ class RuleContext:
         return tensor_shape(value)
 
     def input_layouts(self) -> list[ChannelLayout]:
-        lays = []
-        for n in iter_nodes((self.node.args, self.node.kwargs)):
-            lay = self.facts.layouts.get(n.name)
-            if isinstance(lay, ChannelLayout):
-                lays.append(lay)
-            elif isinstance(lay, (tuple, list)):
-                lays.extend(x for x in lay if isinstance(x, ChannelLayout))
-        return lays
+        return [x for n in iter_nodes((self.node.args, self.node.kwargs))
+                for x in layouts_in(self.facts.layouts.get(n.name))]
 
     def pin(self, ids: np.ndarray, reason: str) -> None:
         if len(ids):
@@ -286,16 +280,13 @@ class ChannelDependencyPass:
 
     @staticmethod
     def _add_graph_node(facts: ChannelFacts, node: fx.Node, layout: Any) -> None:
-        lays = [layout] if isinstance(layout, ChannelLayout) else list(layout or ())
-        lays = [x for x in lays if isinstance(x, ChannelLayout)]
+        lays = layouts_in(layout)
         if not lays:
             return
         facts.graph.add_node((node.name, lays[0].dim), fx_node=node.name, width=sum(x.width for x in lays))
         for src in iter_nodes((node.args, node.kwargs)):
             if node.op == "call_function" and node.target is operator.getitem and src is not node.args[0]:
                 continue
-            src_lay = facts.layouts.get(src.name)
-            src_lays = [src_lay] if isinstance(src_lay, ChannelLayout) else list(src_lay or ())
-            src_lays = [x for x in src_lays if isinstance(x, ChannelLayout)]
+            src_lays = layouts_in(facts.layouts.get(src.name))
             if src_lays:
                 facts.graph.add_edge((src.name, src_lays[0].dim), (node.name, lays[0].dim))

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from .channel_layout import ChannelLayout
+from .channel_layout import ChannelLayout, layouts_in
 from .zig_inference import ZIGSet
 
 
@@ -34,11 +34,7 @@ class FlopsProp(fx.Interpreter):
 
 
 def _first_layout(value: Any) -> ChannelLayout | None:
-    if isinstance(value, ChannelLayout):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((x for x in value if isinstance(x, ChannelLayout)), None)
-    return None
+    return next(iter(layouts_in(value)), None)
 
 
 class FlopsModel:

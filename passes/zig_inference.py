@@ -14,7 +14,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .channel_layout import ChannelLayout
+from .channel_layout import layouts_in
 from .dependency import ChannelFacts, ParamSlice
 
 
@@ -51,9 +51,6 @@ class ZIGSet:
     @property
     def prunable(self) -> list[ChannelSpace]:
         return [s for s in self.spaces if not s.pinned]
-
-    def layout_components(self, layout: ChannelLayout) -> np.ndarray:
-        return self.labels[layout.ids]
 
     def keep_per_component(self, keep: dict[int, np.ndarray]) -> np.ndarray:
         """Boolean per ZIG id from one keep vector per space index (pinned and absent spaces keep all)."""
@@ -120,15 +117,12 @@ class _DistinctComponents:
         return hit[1]
 
 
-def _unique_pairs(values: list[np.ndarray], labels: np.ndarray | None, n: int,
-                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _unique_pairs(values: list[np.ndarray], n: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (row, value) pairs, sorted, for a list of arrays (row i = array i) or explicit rows."""
     if not values or not sum(len(v) for v in values):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
     flat = np.concatenate(values)
-    if labels is not None:
-        flat = labels[flat]
     if rows is None:
         rows = np.repeat(np.arange(len(values)), [len(v) for v in values])
     keys = np.unique(rows.astype(np.int64) * n + flat)
@@ -156,7 +150,7 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
     node_names: list[str] = []
     node_comps: list[np.ndarray] = []
     for name, lay in facts.layouts.items():
-        lays = [lay] if isinstance(lay, ChannelLayout) else [x for x in (lay or ()) if isinstance(x, ChannelLayout)]
+        lays = layouts_in(lay)
         if lays:
             node_names.append(name)
             comps = [distinct(x.ids) for x in lays]
@@ -184,11 +178,11 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
 
     nodes_of_space: dict[int, list[str]] = defaultdict(list)
     n_space = len(members)
-    for node, space in zip(*_unique_pairs([comp_space[pairs_comp]], None, n_space, rows=pairs_node), strict=True):
+    for node, space in zip(*_unique_pairs([comp_space[pairs_comp]], n_space, rows=pairs_node), strict=True):
         nodes_of_space[int(space)].append(node_names[node])
     producers: dict[int, list[str]] = defaultdict(list)
     consumers: dict[int, list[str]] = defaultdict(list)
-    slice_rows, slice_spaces = _unique_pairs([comp_space[distinct(x.ids)] for x in facts.slices], None, n_space)
+    slice_rows, slice_spaces = _unique_pairs([comp_space[distinct(x.ids)] for x in facts.slices], n_space)
     for row, space in zip(slice_rows, slice_spaces, strict=True):
         sl = facts.slices[row]
         target = producers if sl.role == "out" else consumers
