@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import io
+import os
 import re
 import sys
 import warnings
@@ -163,6 +164,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on digits, torch's choice otherwise)")
     p.add_argument("--no-dense-reference", action="store_true",
                    help="skip training the dense model that the accuracy change is measured against")
+    p.add_argument("--amp", choices=("bf16", "fp16"),
+                   help="mixed precision: bf16 autocast, or fp16 with a grad scaler (for GPUs; default: off)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_train)
 
@@ -183,13 +187,18 @@ def train_job_from_args(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from atofx import distributed
     from atofx.train_job import run, summary_table
 
     job = train_job_from_args(args)
-    summary = run(job)
-    print(summary_table(summary))
-    print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg, "
-          "accuracy_flops.png, widths.png")
+    try:
+        summary = run(job)
+    finally:
+        distributed.stop()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print(summary_table(summary))
+        print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg, "
+              "accuracy_flops.png, widths.png")
     return 0
 
 

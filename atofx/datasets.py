@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from atofx import distributed
 from atofx.errors import AtofxError
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "folder")
@@ -55,6 +56,9 @@ def digits(seed: int = 0, val_share: float = 0.2) -> tuple[TensorDataset, Tensor
 
 def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     train, val = digits(seed)
+    if distributed.current().parallel:
+        return (DataLoader(train, batch_size=batch_size, sampler=distributed.training_sampler(train, seed)),
+                DataLoader(val, batch_size=256, sampler=distributed.ShardSampler(val, distributed.current())))
     gen = torch.Generator().manual_seed(seed)
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
             DataLoader(val, batch_size=256))
@@ -175,17 +179,32 @@ def load_images(name: str, data_dir: str | os.PathLike | None, size: int, downlo
 
 
 def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
+    """Loader processes per rank: up to 4, sharing the CPUs this process may use with the other ranks."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus // distributed.current().world)
 
 
 def loaders(data: ImageData, batch_size: int, seed: int = 0, num_workers: int | None = None,
             pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training loader (its own seeded generator, so runs resume exactly) and validation loader."""
+    """Shuffled training loader (its own seeded generator, so runs resume exactly) and validation loader.
+
+    Under torchrun each rank loads its shard: a DistributedSampler for training, every world-th image
+    for validation.
+    """
     workers = default_workers() if num_workers is None else num_workers
     if workers < 0:
         raise AtofxError(f"num_workers must be >= 0, got {workers}.")
-    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    # training workers start afresh each epoch, seeded from the loader's (checkpointed) random state, so a
+    # resumed run augments exactly as an uninterrupted one; validation has no randomness and keeps its workers
+    val_workers = {"persistent_workers": workers > 0}
+    ranks = distributed.current()
+    if ranks.parallel:
+        return (DataLoader(data.train, batch_size=batch_size, sampler=distributed.training_sampler(data.train, seed),
+                           **common),  # type: ignore[arg-type]
+                DataLoader(data.val, batch_size=batch_size, sampler=distributed.ShardSampler(data.val, ranks),
+                           **common, **val_workers))  # type: ignore[arg-type]
     train = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                        **common)  # type: ignore[arg-type]
-    val = DataLoader(data.val, batch_size=batch_size, **common)
+    val = DataLoader(data.val, batch_size=batch_size, **common, **val_workers)
     return train, val

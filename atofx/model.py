@@ -14,8 +14,10 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from atofx import distributed
 from atofx.errors import AtofxError, ConfigError, DataError, EquivalenceError, ShapeError
 from atofx.mask import Mask
+from atofx.mixed_precision import StepPrecision
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.flops import FlopsModel, FlopsProp
@@ -299,7 +301,8 @@ class ATOModel:
         projection: str = "prox",
         method: str = "ato",
         device: str | torch.device | None = None,
-        amp: bool = False,
+        amp: str | None = None,
+        channels_last: bool = False,
         checkpoint_dir: str | Path | None = None,
         seed: int = 0,
         log_path: str | Path | None = None,
@@ -310,6 +313,9 @@ class ATOModel:
 
         Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
         optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
+        `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under torchrun (a process group
+        started), each rank passes a loader with a DistributedSampler and the model is trained
+        through DistributedDataParallel.
         """
         torch.manual_seed(seed)
         if self._zigs is None:
@@ -329,7 +335,7 @@ class ATOModel:
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         log = Path(log_path) if log_path is not None else (folder / "log.jsonl" if folder is not None else None)
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
-                      val_loader, folder, log, amp, progress)
+                      val_loader, folder, log, StepPrecision.of(amp, channels_last), progress)
         self.mask = trainer.final_mask()
         return history
 
@@ -348,16 +354,19 @@ class ATOModel:
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    """'auto' picks CUDA when present; None keeps the model where it is; CUDA without a GPU is refused."""
+    """'auto' picks CUDA when present; None keeps the model where it is; CUDA without a GPU is refused.
+
+    Under torchrun, 'cuda' and 'auto' mean the GPU of this rank's LOCAL_RANK.
+    """
     if device is None:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} was asked for but no CUDA GPU is available; use device='cpu' or 'auto'.")
-    return dev
+    return distributed.rank_device(dev)
 
 
 def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:

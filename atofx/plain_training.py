@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from atofx import distributed
 from atofx.trainer import _to, split_batch
 
 
@@ -40,11 +41,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 def train_plain(model: nn.Module, loader: Iterable, epochs: int, device: torch.device, seed: int = 0,
                 loss_fn: Callable[[Any, Tensor], Tensor] = nn.functional.cross_entropy,
                 progress: bool = False, lr: float = 0.1) -> nn.Module:
-    """Train `model` for `epochs` with the default recipe, seeded like an ATO run."""
+    """Train `model` for `epochs` with the default recipe, seeded like an ATO run (data-parallel under torchrun)."""
     torch.manual_seed(seed)
     model.to(device)
+    distributed.require_sharded(loader, "training")
     opt, sched = default_optimizer(model, epochs, lr)
-    for _ in tqdm(range(epochs), desc="dense reference", disable=not progress, leave=False):
-        train_epoch(model, loader, opt, loss_fn, device)
+    stepping = distributed.wrap(model, device)
+    for epoch in tqdm(range(epochs), desc="dense reference", disable=not progress, leave=False):
+        distributed.set_epoch(loader, epoch)
+        train_epoch(stepping, loader, opt, loss_fn, device)
+        distributed.share_buffers(model)
         sched.step()
     return model

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import atofx
+from atofx import distributed
 from atofx.cifar_models import CIFAR_MODELS
 from atofx.datasets import DATASETS, load_images, loaders
 from atofx.errors import AtofxError
@@ -54,6 +55,8 @@ class TrainJob:
     controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper; see controller_share)
     controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
     threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
+    amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32
+    channels_last: bool = False  # NHWC memory format for the model and its 4-d inputs (faster convs on recent GPUs)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -173,11 +176,22 @@ def layer_widths(dense: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def _device_type(device: str) -> str:
+    wants_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "cuda" if wants_cuda else "cpu"
+
+
 def run(job: TrainJob) -> dict[str, Any]:
-    """Train the dense reference (optional) and ATO, prune, and write OUT/: pruned model, summary, log, picture."""
+    """Train the dense reference (optional) and ATO, prune, and write OUT/: pruned model, summary, log, picture.
+
+    Under torchrun every rank runs this; they share the work, and rank 0 alone writes OUT/.
+    """
     started = time.perf_counter()
+    ranks = distributed.start(_device_type(job.device))
     out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = job.progress and ranks.main
     threads = job.threads if job.threads is not None else (1 if job.dataset == "digits" else None)
     if threads is not None:
         # digits convolutions are tiny: a second thread only adds synchronisation, and on a busy machine
@@ -196,28 +210,27 @@ def run(job: TrainJob) -> dict[str, Any]:
         if dense_file.exists():
             accuracy_dense = json.loads(dense_file.read_text())["accuracy_dense"]
         else:
-            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, job.progress, lr=job.lr)
+            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress, lr=job.lr)
             accuracy_dense = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
-            dense_file.write_text(json.dumps({"accuracy_dense": accuracy_dense}))
+            if ranks.main:
+                dense_file.write_text(json.dumps({"accuracy_dense": accuracy_dense}))
 
     ato = atofx.compile(model, example)
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
-    ato.visualize(out / "zigs.svg")
+    if ranks.main:
+        ato.visualize(out / "zigs.svg")
     optimizer, scheduler = default_optimizer(model, job.epochs, job.lr)
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
-              optimizer=optimizer, scheduler=scheduler,
+              optimizer=optimizer, scheduler=scheduler, amp=job.amp, channels_last=job.channels_last,
               projection=job.projection, device=device, seed=job.seed, checkpoint_dir=out / "checkpoints",
-              log_path=out / "log.jsonl", progress=job.progress,
+              log_path=out / "log.jsonl", progress=progress,
               controller_data=controller_share(job, len(train_loader.dataset)),
               controller_epochs=controller_passes(job, len(train_loader.dataset)))
     accuracy_trained = evaluate(model, val_loader, device, loss_fn)["accuracy"]
     small = ato.prune()
     accuracy_pruned = evaluate(small, val_loader, device, loss_fn)["accuracy"]
-    small_cpu = copy.deepcopy(small).cpu()
+    small_cpu = copy.deepcopy(small).cpu().to(memory_format=torch.contiguous_format)
     flops_after, params_after = atofx.count_flops(small_cpu, example), atofx.count_params(small_cpu)
-    atofx.save(small_cpu, out / "pruned.pt", example)
-    (out / "widths.json").write_text(json.dumps({"model": job.model, "layers": layer_widths(dense_model, small_cpu)},
-                                                indent=1))
     summary = {
         "model": job.model,
         "dataset": job.dataset,
@@ -233,11 +246,17 @@ def run(job: TrainJob) -> dict[str, Any]:
         "accuracy_trained": accuracy_trained,
         "accuracy_pruned": accuracy_pruned,
         "epochs": job.epochs,
+        "ranks": ranks.world,
         "seconds": time.perf_counter() - started,
         "job": asdict(job),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    draw_run_plots(out)
+    if ranks.main:
+        atofx.save(small_cpu, out / "pruned.pt", example)
+        (out / "widths.json").write_text(json.dumps({"model": job.model,
+                                                     "layers": layer_widths(dense_model, small_cpu)}, indent=1))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        draw_run_plots(out)
+    distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return summary
 
 

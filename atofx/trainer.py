@@ -14,7 +14,6 @@ masked activations) with the model's parameters frozen; only the controller lear
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -32,10 +31,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from atofx import checkpoint as ckpt
+from atofx import distributed
 from atofx.controller import Controller, Masks
 from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
 from atofx.flops_regularizer import controller_loss
 from atofx.mask import Mask
+from atofx.mixed_precision import StepPrecision
 from atofx.passes.instrument import instrument
 from atofx.projection import ZIGParams
 
@@ -331,6 +332,7 @@ class ATOTrainer:
             loss = controller_loss(task, p, self.config.target_flops, self.flops.total, self.config.gamma)
             self.controller_opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(self.controller.parameters())  # same step, same mask on every rank
             self.controller_opt.step()
         finally:
             self.slots.set(None)
@@ -414,7 +416,7 @@ class ATOTrainer:
         shapes = [[k, list(v.shape)] for k, v in self.ato.model.state_dict().items()]
         digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]  # hash() differs per process
         return {"model": digest, "config": json.dumps(asdict(self.config), sort_keys=True),
-                "epochs": self.phases.epochs, "batches_per_epoch": n_batches}
+                "epochs": self.phases.epochs, "batches_per_epoch": n_batches, "ranks": distributed.current().world}
 
     def state_dict(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
         return {
@@ -428,7 +430,7 @@ class ATOTrainer:
             "frozen": self.state.frozen,
             "history": self.state.history,
             "generator": self.generator.get_state(),
-            "rng": ckpt.rng_state(),
+            "rng": distributed.gather_objects(ckpt.rng_state()),  # one per rank: each resumes its own streams
         }
 
     def load_state_dict(self, saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
@@ -441,16 +443,22 @@ class ATOTrainer:
         self.mask = {int(k): v.to(self.device) for k, v in saved["mask"].items()}
         self.state = TrainState(saved["epoch"], saved["frozen"], list(saved["history"]))
         self.generator.set_state(saved["generator"])
-        ckpt.set_rng_state(saved["rng"])
+        ckpt.set_rng_state(saved["rng"][distributed.current().rank])
 
 
 def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader:
-    """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`."""
+    """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`.
+
+    Under torchrun each rank draws the same subset and takes its shard of it.
+    """
     dataset = loader.dataset
     n = len(dataset)
     gen = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randperm(n, generator=gen)[: max(1, math.ceil(share * n))].tolist()
-    return DataLoader(Subset(dataset, idx), batch_size=loader.batch_size or 1, shuffle=True,
+    subset = Subset(dataset, torch.randperm(n, generator=gen)[: max(1, math.ceil(share * n))].tolist())
+    if distributed.current().parallel:
+        return DataLoader(subset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
+                          sampler=distributed.training_sampler(subset, seed + 2))
+    return DataLoader(subset, batch_size=loader.batch_size or 1, shuffle=True,
                       collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed + 2))
 
 
@@ -467,7 +475,10 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              loss_fn: Callable[[Any, Tensor], Tensor], example_inputs: tuple | None = None) -> dict[str, float]:
-    """Mean loss and top-1 accuracy (%) in eval mode; the first batch is checked against `example_inputs`."""
+    """Mean loss and top-1 accuracy (%) in eval mode; the first batch is checked against `example_inputs`.
+
+    A loader sharded across torchrun's ranks is evaluated by all of them together.
+    """
     was = model.training
     model.eval()
     total, correct, loss_sum = 0, torch.zeros((), device=device), torch.zeros((), device=device)
@@ -483,22 +494,35 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
             correct += _hits(out, targets)
             total += len(targets)
     model.train(was)
+    if distributed.is_sharded(loader):
+        loss_sum, correct, n = distributed.sum_across(loss_sum, correct, torch.tensor(float(total), device=device))
+        total = int(n)
     if total == 0:
         raise DataError("the validation loader yielded no batch; check the dataset and batch_size/drop_last.")
     return {"loss": float(loss_sum) / total, "accuracy": 100.0 * float(correct) / total}
 
 
 def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable[[Any, Tensor], Tensor], scaler: Any = None, progress: bool = False,
-                    desc: str = "") -> tuple[float, float]:
-    """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %)."""
-    device, model = trainer.device, trainer.model
+                    loss_fn: Callable[[Any, Tensor], Tensor], precision: StepPrecision | None = None,
+                    progress: bool = False, desc: str = "", model: nn.Module | None = None) -> tuple[float, float]:
+    """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %).
+
+    `model` is what takes the steps (the DistributedDataParallel wrapper under torchrun); the figures
+    returned are over all ranks. The loop itself never waits for the device, except for the progress
+    bar on the CPU.
+    """
+    device = trainer.device
+    model = model if model is not None else trainer.model
     model.train()
+    precision = precision or StepPrecision()
+    scaler = precision.scaler(device)
+    live_postfix = progress and device.type == "cpu"
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
     for step, batch in enumerate(bar):
         inputs, targets = split_batch(_to(batch, device))
-        with torch.autocast(device.type) if scaler is not None else contextlib.nullcontext():
+        inputs = precision.prepare_inputs(inputs)
+        with precision.autocast(device):
             if step == 0:  # the first batch of each epoch is checked, before it can touch BatchNorm statistics
                 check_targets(trainer.ato.example_output, targets, loss_fn)
                 out = checked_forward(model, inputs, trainer.example_inputs)
@@ -517,10 +541,11 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
         loss_sum += loss.detach() * len(targets)
         correct += _hits(out, targets)
         seen += len(targets)
-        if progress and step % 20 == 0:
+        if live_postfix and step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
                             flops=f"{trainer.flops_kept():.2f}")
-    return float(loss_sum) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
+    loss_sum, correct, n = distributed.sum_across(loss_sum, correct, torch.tensor(float(seen), device=device))
+    return float(loss_sum) / max(float(n), 1.0), 100.0 * float(correct) / max(float(n), 1.0)
 
 
 def controller_epoch(trainer: ATOTrainer, cn_loader: Iterable,
@@ -542,11 +567,18 @@ def fit(
     val_loader: Iterable | None,
     checkpoint_dir: Path | None,
     log_path: Path | None,
-    amp: bool,
+    precision: StepPrecision,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the whole schedule; returns one record per epoch."""
+    """Run (or resume) the whole schedule; returns one record per epoch.
+
+    Under torchrun every rank calls this with its shard of the data; rank 0 alone writes the log and
+    the checkpoints, and all ranks resume from the same checkpoint.
+    """
     device, ph = trainer.device, trainer.phases
+    ranks = distributed.current()
+    distributed.require_sharded(train_loader, "training")
+    progress = progress and ranks.main
     n_batches = loader_length(train_loader)
     fingerprint = trainer.fingerprint(n_batches)
     if trainer.config.method == "ato" and not hasattr(train_loader, "dataset"):
@@ -567,15 +599,19 @@ def fit(
             if len(loader_rng) == len(generators):
                 for g, state in zip(generators, loader_rng, strict=True):
                     g.set_state(state)
-            if log_path is not None:
+            if log_path is not None and ranks.main:
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
     model = trainer.model
+    precision.prepare_model(model)
+    stepping = distributed.wrap(model, device)
     for epoch in range(trainer.state.epoch, ph.epochs):
         started = time.perf_counter()
+        for loader in (train_loader, cn_loader):
+            distributed.set_epoch(loader, epoch)
         before = {k: v.clone() for k, v in trainer.mask.items()}
-        train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, scaler, progress,
-                                                f"epoch {epoch + 1}/{ph.epochs}")
+        train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, precision, progress,
+                                                f"epoch {epoch + 1}/{ph.epochs}", stepping)
+        distributed.share_buffers(model)  # rank 0's BN statistics everywhere: one model to evaluate and save
         if scheduler is not None:
             scheduler.step()
         if not math.isfinite(train_loss):
@@ -587,6 +623,7 @@ def fit(
             )
         ctrl = controller_epoch(trainer, cn_loader, loss_fn) if cn_loader is not None else []
         info = trainer.end_epoch(epoch)
+        digests = distributed.agreed_mask_digests(trainer.mask, epoch + 1)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -597,6 +634,8 @@ def fit(
             "mask_frozen": info["frozen"],
             "lr": float(optimizer.param_groups[0]["lr"]),
         }
+        if ranks.parallel:
+            record["mask_digests"] = digests  # one per rank, checked equal
         if val_loader is not None:
             val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -604,14 +643,16 @@ def fit(
         trainer.state.history.append(record)
         if progress:
             tqdm.write(_epoch_line(record))
+        payload = trainer.state_dict(optimizer, scheduler) if checkpoint_dir is not None else None  # all ranks
+        if not ranks.main:
+            continue
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
-            payload = trainer.state_dict(optimizer, scheduler) | {
-                "fingerprint": fingerprint, "loader_rng": [g.get_state() for g in generators]}
-            ckpt.write(checkpoint_dir, payload)
+            ckpt.write(checkpoint_dir, payload | {"fingerprint": fingerprint,
+                                                  "loader_rng": [g.get_state() for g in generators]})
     return trainer.state.history
 
 

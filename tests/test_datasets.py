@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import struct
 import urllib.error
@@ -15,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from atofx import datasets
+from atofx import datasets, distributed
 from atofx.datasets import DatasetError, ImageData, load_images, loaders
 
 PER_BATCH = 20
@@ -179,13 +180,20 @@ def test_loaders_with_workers_are_seeded(tmp_path):
 
     def order(seed: int) -> list[int]:
         train, _ = loaders(data, batch_size=5, seed=seed, num_workers=2)
-        assert train.num_workers == 2 and train.persistent_workers
+        assert train.num_workers == 2 and not train.persistent_workers  # fresh workers: exact resume
         return [int(v) for _, y in train for v in y]
 
     first = order(0)
     assert sorted(first) == sorted(y for _, y in data.train.samples)  # type: ignore[attr-defined]
     assert order(0) == first
-    assert datasets.default_workers() == min(4, __import__("os").cpu_count() or 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs os.sched_getaffinity")
+@pytest.mark.parametrize(("cpus", "world", "workers"), [(8, 1, 4), (2, 1, 2), (2, 2, 1), (1, 2, 0)])
+def test_loader_workers_share_the_cpus_with_the_other_ranks(monkeypatch, cpus, world, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Ranks(0, world, 0))
+    assert datasets.default_workers() == workers
 
 
 def test_imagenet_layout_is_class_folders(tmp_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from atofx.passes import op_rules
 from atofx.passes.equivalence import relative_difference, run_eval
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -39,6 +39,8 @@ def prune_and_compare(model: nn.Module, x: torch.Tensor, keep: float, seed: int)
 @given(random_cnns(), st.floats(0.2, 0.9), st.integers(0, 2**16))
 def test_random_cnn_prunes_to_the_masked_model(model_and_input, keep, seed):
     model, x = model_and_input
+    for kind in sorted({kind for kind, _ in model.spec.blocks}):
+        event(f"has a {kind} block")  # --hypothesis-show-statistics: how often each construct was fuzzed
     prune_and_compare(model, x, keep, seed)
 
 
