@@ -124,3 +124,22 @@ def test_summary_and_figures():
         if r["method"] == "ato":
             r["flops_kept_mean"] = 0.6
     assert bench_accuracy.figures(rows, (0.5,))["ato_best_at_0.50"] is False
+
+
+def test_accuracy_benchmark_runs_every_method_on_cifar10_files(tmp_path, monkeypatch):
+    """--data-dir: the same comparison on CIFAR-10 read by torchvision from files this test writes."""
+    from tests.test_datasets import write_cifar10
+
+    write_cifar10(tmp_path, monkeypatch)
+    runs = bench_accuracy.run_all([0], (0.5,), epochs=2, data_dir=str(tmp_path), model="resnet20", lam=1.0)
+    assert sorted(r["method"] for r in runs) == sorted(bench_accuracy.METHODS)
+    for r in runs:
+        assert 0.0 <= r["accuracy"] <= 100.0 and 0.0 < r["flops_kept"] <= 1.0
+    assert all(abs(r["flops_kept"] - 0.5) <= 0.011 for r in runs if r["method"] in ("l1", "random"))
+
+
+def test_accuracy_benchmark_runs_only_the_methods_asked_for():
+    runs = bench_accuracy.run_all([0], (0.5,), epochs=2, methods=("ato",))
+    assert [r["method"] for r in runs] == ["ato"]
+    assert set(bench_accuracy.figures(bench_accuracy.summarize(runs, (0.5,)), (0.5,))) == {
+        "ato_meets_flops_at_0.50", "ato_best_at_0.50"}

@@ -19,11 +19,14 @@ schedule, batch 64). Every method gets the same total number of epochs E:
 
 Accuracy is measured on the held-out 20% of digits (the split depends on the seed), on the pruned model.
 Reported: mean and sample standard deviation over seeds, and the FLOPs share kept by the FLOPs model.
-CIFAR-10 (the issue's `--data-dir`) is not here yet: atofx.datasets has no CIFAR-10 loader, and 3 seeds x 13
-runs of ResNet-56 are out of reach of a 2-core CPU machine.
+With `--data-dir D` holding CIFAR-10 (torchvision's python batches, `cifar-10-batches-py/`), the same
+comparison runs on CIFAR-10 (crop + flip augmentation, test set) with ResNet-56 (`--model` to change);
+it needs a GPU box or days of CPU: 3 seeds x 13 runs of ResNet-56.
 
     python tools/bench_accuracy.py --quick --json bench-accuracy.json   # 1 seed, 30 epochs, 50% pruned (about 2 min)
     python tools/bench_accuracy.py --jobs 2                             # 3 seeds, 30 epochs, 30/50/70% pruned
+    python tools/bench_accuracy.py --methods ato --lam 1 --jobs 2       # ATO alone, another lambda
+    python tools/bench_accuracy.py --data-dir ~/data --epochs 160 --device cuda   # CIFAR-10, ResNet-56
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import uniform_mask  # noqa: E402
 
 import atofx  # noqa: E402
-from atofx.cifar_models import resnet20  # noqa: E402
-from atofx.datasets import digits_loaders  # noqa: E402
+from atofx.cifar_models import CIFAR_MODELS  # noqa: E402
+from atofx.datasets import digits_loaders, load_images, loaders  # noqa: E402
 from atofx.mask import Mask  # noqa: E402
 from atofx.plain_training import train_plain  # noqa: E402
 from atofx.report import format_table  # noqa: E402
@@ -58,8 +61,7 @@ from atofx.trainer import evaluate  # noqa: E402
 
 TARGETS = (0.3, 0.5, 0.7)  # share of the dense FLOPs removed
 METHODS = ("dense", "ato", "static", "l1", "random")
-EXAMPLE_SHAPE = (1, 1, 8, 8)
-CPU = torch.device("cpu")
+PAPER_LAMBDA = 10.0
 
 
 # ---------------------------------------------------------------------- L1-norm one-shot pruning
@@ -121,51 +123,62 @@ def threshold_mask(ato: atofx.ATOModel, scores: dict[int, torch.Tensor], keep_fl
 
 
 # ---------------------------------------------------------------------- one run of each method
-def _model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return resnet20(10, 1)
+def _data(task: dict) -> tuple[object, object, tuple[int, ...]]:
+    """(train loader, val loader, example shape) of the task's dataset: digits, or CIFAR-10 from its data_dir."""
+    if task["data_dir"] is None:
+        train, val = digits_loaders(64, task["seed"])
+        return train, val, (1, 1, 8, 8)
+    data = load_images("cifar10", task["data_dir"], 32)
+    train, val = loaders(data, 128, task["seed"])
+    return train, val, data.example_shape
 
 
-def _example(seed: int) -> tuple[torch.Tensor]:
-    return (torch.randn(EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(seed)),)
+def _model(task: dict, channels: int) -> nn.Module:
+    torch.manual_seed(task["seed"])
+    return CIFAR_MODELS[task["model"]](num_classes=10, in_channels=channels)
 
 
-def _accuracy(model: nn.Module, seed: int) -> float:
-    _, val = digits_loaders(64, seed)
-    return evaluate(model, val, CPU, nn.functional.cross_entropy)["accuracy"]
+def _example(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor]:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)),)
 
 
 def run_task(task: dict) -> dict:
     """One (method, seed, target) run; fresh loaders each time so every method sees the same batch order."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(task.get("threads", 1))
     warnings.filterwarnings("ignore")
     method, seed, target, epochs = task["method"], task["seed"], task["target"], task["epochs"]
+    device = torch.device(task["device"])
     started = time.perf_counter()
-    train, _ = digits_loaders(64, seed)
+    train, val, shape = _data(task)
+    model = _model(task, shape[1])
+    example = _example(shape, seed)
+
+    def accuracy(m: nn.Module) -> float:
+        return evaluate(m, val, device, nn.functional.cross_entropy)["accuracy"]
+
     result = {"method": method, "seed": seed, "pruned_flops_target": target}
     if method in ("dense", "half"):
-        model = train_plain(_model(seed), train, epochs if method == "dense" else epochs // 2, CPU, seed)
-        result.update(flops_kept=1.0, accuracy=_accuracy(model, seed))
+        train_plain(model, train, epochs if method == "dense" else epochs // 2, device, seed)
+        result.update(flops_kept=1.0, accuracy=accuracy(model))
         if method == "half":
-            result["state"] = model.state_dict()
+            result["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
     elif method in ("ato", "static"):
-        model = _model(seed)
-        ato = atofx.compile(model, _example(seed))
-        ato.train(train, epochs, target_flops=1.0 - target, method=method, controller_data=0.5, seed=seed,
-                  device=CPU, progress=False)
+        ato = atofx.compile(model, example)
+        share = 0.5 if task["data_dir"] is None else 0.05  # the digits recipe's D_CN; the paper's 5% on CIFAR
+        ato.train(train, epochs, target_flops=1.0 - target, method=method, controller_data=share, seed=seed,
+                  lam=task["lam"], device=device, progress=False)
         small = ato.prune()
-        result.update(flops_kept=ato.flops(ato.mask) / ato.flops(), accuracy=_accuracy(small, seed))
+        result.update(flops_kept=ato.flops(ato.mask) / ato.flops(), accuracy=accuracy(small))
     elif method in ("l1", "random"):
-        model = _model(seed)
         model.load_state_dict(task["state"])
-        ato = atofx.compile(model, _example(seed))
+        ato = atofx.compile(model, example)
         if method == "l1":
             mask, kept = threshold_mask(ato, l1_scores(ato), 1.0 - target)
         else:
             mask, kept = uniform_mask(ato, 1.0 - target, seed)
         small = ato.prune(mask)
-        train_plain(small, train, epochs - epochs // 2, CPU, seed, lr=task["finetune_lr"])
-        result.update(flops_kept=kept, accuracy=_accuracy(small, seed))
+        train_plain(small, train, epochs - epochs // 2, device, seed, lr=task["finetune_lr"])
+        result.update(flops_kept=kept, accuracy=accuracy(small))
     else:
         raise ValueError(f"unknown method {method!r}")
     result["seconds"] = time.perf_counter() - started
@@ -182,15 +195,20 @@ def _map(tasks: list[dict], jobs: int) -> list[dict]:
 
 
 def run_all(seeds: list[int], targets: tuple[float, ...], epochs: int, finetune_lr: float = 0.01,
-            jobs: int = 1) -> list[dict]:
+            jobs: int = 1, methods: tuple[str, ...] = METHODS, lam: float = PAPER_LAMBDA, data_dir: str | None = None,
+            model: str = "resnet20", device: str = "cpu") -> list[dict]:
     """Every run: phase 1 dense, E/2 dense, ATO and static; phase 2 L1 and random from the E/2 dense models."""
-    base = {"epochs": epochs, "finetune_lr": finetune_lr}
-    first = [base | {"method": m, "seed": s, "target": 0.0} for s in seeds for m in ("dense", "half")]
-    first += [base | {"method": m, "seed": s, "target": t} for t in targets for s in seeds for m in ("ato", "static")]
+    base = {"epochs": epochs, "finetune_lr": finetune_lr, "lam": lam, "data_dir": data_dir, "model": model,
+            "device": device, "threads": 1 if data_dir is None else torch.get_num_threads()}
+    finetuned = [m for m in ("l1", "random") if m in methods]
+    first = [base | {"method": m, "seed": s, "target": 0.0} for s in seeds
+             for m in ("dense", "half") if m in methods or (m == "half" and finetuned)]
+    first += [base | {"method": m, "seed": s, "target": t} for t in targets for s in seeds
+              for m in ("ato", "static") if m in methods]
     done = _map(first, jobs)
     half = {r["seed"]: r.pop("state") for r in done if r["method"] == "half"}
     second = [base | {"method": m, "seed": s, "target": t, "state": half[s]}
-              for t in targets for s in seeds for m in ("l1", "random")]
+              for t in targets for s in seeds for m in finetuned]
     return [r for r in done if r["method"] != "half"] + _map(second, jobs)
 
 
@@ -223,11 +241,13 @@ def figures(rows: list[dict], targets: tuple[float, ...]) -> dict[str, bool]:
     kept = {(r["method"], r["pruned_flops_target"]): r["flops_kept_mean"] for r in rows}
     out = {}
     for t in targets:
+        if ("ato", t) not in get:
+            continue
         others = [get[(m, t)] for m in ("static", "l1", "random") if (m, t) in get]
         met = kept[("ato", t)] <= 1.0 - t + FLOPS_TOLERANCE
         out[f"ato_meets_flops_at_{t:.2f}"] = met
         out[f"ato_best_at_{t:.2f}"] = met and bool(others) and get[("ato", t)] >= max(others)
-    if 0.5 in targets and ("dense", 0.0) in get:
+    if 0.5 in targets and ("dense", 0.0) in get and ("ato", 0.5) in get:
         out["ato_within_1pt_of_dense_at_0.50"] = (out["ato_meets_flops_at_0.50"]
                                                   and get[("ato", 0.5)] >= get[("dense", 0.0)] - 1.0)
     return out
@@ -242,25 +262,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", type=float, help="shares of FLOPs removed (default 0.3 0.5 0.7)")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="start of the fine-tuning cosine (L1, random)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
+    parser.add_argument("--lam", type=float, default=PAPER_LAMBDA, help="ATO's lambda (default: the paper's 10)")
+    parser.add_argument("--data-dir", help="a folder holding CIFAR-10 (cifar-10-batches-py/): run on it, not digits")
+    parser.add_argument("--model", choices=sorted(CIFAR_MODELS), default=None,
+                        help="default: resnet20 on digits, resnet56 on CIFAR-10")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared 2-core machine
+    if args.data_dir is None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared 2-core machine
+    model = args.model or ("resnet20" if args.data_dir is None else "resnet56")
+    dataset = "digits" if args.data_dir is None else "CIFAR-10"
     epochs = args.epochs or 30
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     targets = tuple(args.targets or ((0.5,) if args.quick else TARGETS))
     load_before = os.getloadavg()
     started = time.perf_counter()
-    runs = run_all(seeds, targets, epochs, args.finetune_lr, args.jobs)
+    runs = run_all(seeds, targets, epochs, args.finetune_lr, args.jobs, tuple(args.methods), args.lam,
+                   args.data_dir, model, args.device)
     rows = summarize(runs, targets)
     seconds = time.perf_counter() - started
     load_after = os.getloadavg()
     cells = [[r["method"], "-" if r["method"] == "dense" else f"{100 * r['pruned_flops_target']:.0f}%",
               f"{r['flops_kept_mean']:.3f}", f"{r['acc_mean']:.2f}", f"{r['acc_std']:.2f}", str(r["seeds"])]
              for r in sorted(rows, key=lambda r: (r["pruned_flops_target"], METHODS.index(r["method"])))]
-    print(f"resnet20 on digits, {epochs} epochs per method (L1/random: {epochs // 2} dense + {epochs - epochs // 2} "
-          f"fine-tune), seeds {seeds}")
+    print(f"{model} on {dataset}, {epochs} epochs per method (L1/random: {epochs // 2} dense + "
+          f"{epochs - epochs // 2} fine-tune), seeds {seeds}, ATO lambda {args.lam:g}")
     print(format_table(["method", "FLOPs pruned (target)", "FLOPs kept", "accuracy % (mean)", "std", "seeds"], cells))
     checks = figures(rows, targets)
     for name, ok in checks.items():
@@ -273,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                    "python": platform.python_version(), "load_average_before": load_before,
                    "load_average_after": load_after}
         payload = {"rows": rows, "runs": runs, "figures": checks, "epochs": epochs, "seeds": seeds,
-                   "finetune_lr": args.finetune_lr, "seconds": seconds, "machine": machine,
+                   "model": model, "dataset": dataset, "lam": args.lam, "finetune_lr": args.finetune_lr,
+                   "seconds": seconds, "machine": machine,
                    "date": datetime.date.today().isoformat()}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
