@@ -37,12 +37,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class _Slice:
-    """One parameter dim: `zig[i]` is the ZIG id of position i, or `n_zigs` (a dummy slot) if not prunable."""
+    """One parameter dim: `zig[i]` is the ZIG id of position i, or `n_zigs` (a dummy slot) if not prunable.
+
+    `other_dims` (the dims summed for a per-position norm) and `zig_along_dim` (`zig` shaped to broadcast
+    along `dim`) are fixed, so the hot loop makes as few calls per slice as it can.
+    """
 
     name: str
     param: Tensor
     dim: int
     zig: Tensor
+    other_dims: tuple[int, ...]
+    zig_along_dim: Tensor
 
 
 class ZIGParams:
@@ -72,9 +78,14 @@ class ZIGParams:
             if (zig == self.n_zigs).all() or key in seen:
                 continue
             seen.add(key)
-            self._slices.append(_Slice(name, p, s.dim, torch.as_tensor(zig, dtype=torch.long, device=p.device)))
-        dtypes = [e.param.dtype for e in self._slices]
+            index = torch.as_tensor(zig, dtype=torch.long, device=p.device)
+            shape = tuple(-1 if d == s.dim else 1 for d in range(p.ndim))
+            self._slices.append(_Slice(name, p, s.dim, index, tuple(d for d in range(p.ndim) if d != s.dim),
+                                       index.view(shape)))
+        dtypes = {e.param.dtype for e in self._slices}
         self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        # one device and the accumulation dtype everywhere (the usual case): no conversion per slice
+        self._uniform = dtypes <= {self._dtype} and len({e.param.device for e in self._slices}) <= 1
 
     @classmethod
     def of(cls, ato: ATOModel) -> ZIGParams:
@@ -108,10 +119,11 @@ class ZIGParams:
         """L2 norm per ZIG id over all its entries in all its tensors (0 for pinned ZIGs)."""
         sq = torch.zeros(self.n_zigs + 1, dtype=self._dtype, device=self._device())
         for e in self._slices:
-            x = e.param.detach().to(self._dtype).square()
-            if x.ndim > 1:
-                x = x.sum(dim=[d for d in range(x.ndim) if d != e.dim])
-            sq.index_add_(0, e.zig.to(sq.device), x.to(sq.device))
+            x = e.param.detach()
+            if not self._uniform:
+                x = x.to(sq.device, self._dtype)
+            x = x.square().sum(dim=e.other_dims) if e.other_dims else x.square()
+            sq.index_add_(0, e.zig if self._uniform else e.zig.to(sq.device), x)
         return sq[:-1].sqrt()
 
     def step_size(self, optimizer: torch.optim.Optimizer) -> float:
@@ -129,11 +141,14 @@ class ZIGParams:
         if factor.shape != (self.n_zigs,):
             raise MaskError(f"expected one factor per ZIG ({self.n_zigs},), got {tuple(factor.shape)}.")
         full = torch.cat([factor, factor.new_ones(1)])
+        if self._uniform:
+            full = full.to(self._device(), self._dtype)
+            for e in self._slices:
+                e.param.mul_(full[e.zig_along_dim])
+            return
         for e in self._slices:
             x = e.param
-            shape = [1] * x.ndim
-            shape[e.dim] = -1
-            x.mul_(full.to(x.device, x.dtype)[e.zig.to(x.device)].view(shape))
+            x.mul_(full.to(x.device, x.dtype)[e.zig_along_dim.to(x.device)])
 
     def zero_(self, groups: Tensor) -> None:
         """Set the ZIGs where `groups` (one bool per ZIG id, e.g. `keep_vector(masks) == 0`) is True exactly to zero."""
