@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from atofx import distributed
 from atofx.errors import AtofxError, ConfigError, DataError, EquivalenceError, ShapeError
@@ -22,7 +22,7 @@ from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.flops import FlopsModel, FlopsProp
 from atofx.passes.rewrite import patch_literals, prune_copy
-from atofx.passes.tracing import LeafSpec, trace
+from atofx.passes.tracing import LeafSpec, trace, trace_graph
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
 from atofx.serialization import example_inputs_of
 from atofx.trainer import ATOConfig, ATOTrainer, fit, split_batch
@@ -54,35 +54,63 @@ class _EvalNoGrad:
             m.training = mode
 
 
-class _NodeFailed(BaseException):
-    """A node failed during shape propagation (a BaseException so fx and ShapeProp pass it on untouched)."""
+class _NodeFailed(Exception):
+    """A node failed during shape propagation: the node and the root cause."""
 
     def __init__(self, node: fx.Node, exc: Exception):
         super().__init__(node.name)
         self.node, self.exc = node, exc
 
 
-class _QuietShapeProp(ShapeProp):
-    """ShapeProp that reports the failing node and its root cause instead of printing a traceback."""
+def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format fx's ShapeProp records, asked of the tensor directly (fx's own check is symbolic-aware
+    and slow); contiguous first, as fx finds it, for tensors that are dense in several formats."""
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
+def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """fx's `_extract_tensor_metadata`, faster for plain dense tensors."""
+    if t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), _memory_format(t), False, {})
+
+
+class _QuietShapeProp(fx.Interpreter):
+    """fx's ShapeProp with cheaper metadata: records each node's `tensor_meta` and `type` on real inputs.
+
+    Runs on the traced model and its graph (no GraphModule needed); a failing node raises `_NodeFailed`
+    instead of printing a traceback.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
 
     def run_node(self, n: fx.Node) -> Any:
-        self._node = n
-        return super().run_node(n)
-
-    def _guard(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
-        try:
-            return getattr(super(), kind)(target, args, kwargs)
+        try:  # Interpreter.run_node without its traceback bookkeeping, which costs more than the op on small nets
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = getattr(self, n.op)(n.target, args, kwargs)
         except Exception as exc:
-            raise _NodeFailed(self._node, exc) from exc
+            raise _NodeFailed(n, exc) from exc
+        found = False
 
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return self._guard("call_module", target, args, kwargs)
+        def meta_of(x: Any) -> Any:
+            nonlocal found
+            if not isinstance(x, torch.Tensor):
+                return x
+            found = True
+            return _tensor_meta(x)
 
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return self._guard("call_function", target, args, kwargs)
-
-    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        return self._guard("call_method", target, args, kwargs)
+        meta = fx.node.map_aggregate(value, meta_of)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(value)
+        return value
 
 
 def _describe_input(x: Any) -> str:
@@ -95,9 +123,9 @@ def _describe_input(x: Any) -> str:
     return type(x).__name__
 
 
-def _node_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+def _node_kind(root: nn.Module, node: fx.Node) -> str:
     if node.op == "call_module":
-        return type(gm.get_submodule(str(node.target))).__name__
+        return type(root.get_submodule(str(node.target))).__name__
     return getattr(node.target, "__name__", str(node.target))
 
 
@@ -126,9 +154,13 @@ def _first_sample(x: Any) -> Any:
 class ATOModel:
     """A model traced by atofx: its graph, its ZIGs and channel spaces."""
 
-    def __init__(self, model: nn.Module, graph_module: fx.GraphModule, trace_options: dict[str, Any] | None = None):
+    def __init__(self, model: nn.Module, graph_module: fx.GraphModule | fx.Graph,
+                 trace_options: dict[str, Any] | None = None):
+        """`graph_module`: `model` traced, as a GraphModule or as a bare Graph (its GraphModule is built on first use)."""
         self.model = model
-        self.graph_module = graph_module
+        is_module = isinstance(graph_module, fx.GraphModule)
+        self.graph: fx.Graph = graph_module.graph if is_module else graph_module
+        self._graph_module: fx.GraphModule | None = graph_module if is_module else None
         self.trace_options = trace_options or {}
         self.mask: Mask | None = None
         self.example_inputs: tuple | None = None
@@ -137,25 +169,37 @@ class ATOModel:
         self._zigs: ZIGSet | None = None
         self._flops: FlopsModel | None = None
 
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The traced model as a GraphModule (generating its code costs more than the analysis needs)."""
+        if self._graph_module is None:
+            self._graph_module = fx.GraphModule(self.model, self.graph, type(self.model).__name__)
+        return self._graph_module
+
+    def _root(self) -> nn.Module:
+        """What the graph's targets are paths in: the GraphModule once there is one, else the traced model."""
+        return self._graph_module if self._graph_module is not None else self.model
+
     # ------------------------------------------------------------------ analysis
     def analyze(self, example_inputs: Any) -> ATOModel:
         """Propagate shapes from `example_inputs` and infer the ZIGs."""
         inputs = self._fill_concrete(_as_tuple(example_inputs))
-        with _EvalNoGrad(self.graph_module):
+        root = self._root()
+        with _EvalNoGrad(root):
             try:
-                output = _QuietShapeProp(self.graph_module).propagate(*inputs)
+                output = _QuietShapeProp(root, self.graph).propagate(*inputs)
             except _NodeFailed as failed:
                 shapes = ", ".join(_describe_input(x) for x in inputs)
                 cause = str(failed.exc).strip().splitlines()
                 raise ShapeError(
                     f"the model failed on the example inputs ({shapes}) at node '{failed.node.name}' "
-                    f"({_node_kind(self.graph_module, failed.node)}): {type(failed.exc).__name__}: "
+                    f"({_node_kind(root, failed.node)}): {type(failed.exc).__name__}: "
                     f"{cause[0] if cause else ''}. Pass example_inputs shaped like one real batch "
                     "(a tuple with one entry per forward argument)."
                 ) from failed.exc
         self.example_inputs = inputs
         self.example_output = _as_meta(output)  # shapes only: what batches' labels are checked against
-        self._facts = ChannelDependencyPass(self.graph_module).run()
+        self._facts = ChannelDependencyPass(root, self.graph).run()
         self._zigs = infer_zigs(self._facts)
         self._flops = None
         return self
@@ -163,9 +207,11 @@ class ATOModel:
     def _fill_concrete(self, inputs: tuple) -> tuple:
         """fx keeps a placeholder for each concrete arg: give it its value, the user's inputs fill the rest."""
         concrete = self.trace_options.get("concrete_args") or {}
-        n_placeholders = sum(n.op == "placeholder" for n in self.graph_module.graph.nodes)
+        if not concrete:
+            return inputs
+        n_placeholders = sum(n.op == "placeholder" for n in self.graph.nodes)
         names = list(inspect.signature(self.model.forward).parameters)  # fx may rename placeholders
-        if not concrete or len(inputs) >= n_placeholders or len(names) != n_placeholders:
+        if len(inputs) >= n_placeholders or len(names) != n_placeholders:
             return inputs
         given = iter(inputs)
         return tuple(concrete[name] if name in concrete else next(given, None) for name in names)
@@ -393,7 +439,7 @@ def compile(
     if not isinstance(model, nn.Module):
         raise AtofxError(f"atofx.compile expects an nn.Module, got {type(model).__name__}.")
     options = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
-    ato = ATOModel(model, trace(model, **options), options)
+    ato = ATOModel(model, trace_graph(model, **options), options)
     if example_inputs is not None:
         ato.analyze(example_inputs)
     return ato

@@ -8,7 +8,7 @@ the same id (a flatten repeats a channel H*W times, a depthwise multiplier k tim
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,13 +26,15 @@ class ChannelLayout:
         return int(self.ids.shape[0])
 
     def at(self, dim: int) -> ChannelLayout:
-        return replace(self, dim=dim)
+        return ChannelLayout(dim, self.ids, self.zero)
 
     def sliced(self, index: slice | np.ndarray) -> ChannelLayout:
         return ChannelLayout(self.dim, self.ids[index], self.zero[index])
 
     def with_zero(self, zero: np.ndarray | bool) -> ChannelLayout:
-        return replace(self, zero=np.broadcast_to(np.asarray(zero, dtype=bool), self.ids.shape).copy())
+        if isinstance(zero, bool):
+            return ChannelLayout(self.dim, self.ids, np.full(self.ids.shape, zero))
+        return ChannelLayout(self.dim, self.ids, np.broadcast_to(np.asarray(zero, dtype=bool), self.ids.shape).copy())
 
 
 def layouts_in(value: object) -> list[ChannelLayout]:

@@ -66,9 +66,24 @@ class ChannelFacts:
     unknown_ops: dict[str, str] = field(default_factory=dict)  # node name -> op description
     flops: dict[str, NodeFlops] = field(default_factory=dict)
     literal_channel_args: dict[str, str] = field(default_factory=dict)  # node -> what is hard-coded
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    graph_inputs: dict[str, list[str]] = field(default_factory=dict)  # node with a layout -> nodes feeding it
+    _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """One node per (fx node, channel dim), an edge where one feeds another; built on first use (pictures)."""
+        if self._graph is None:
+            self._graph = nx.DiGraph()
+            for name, inputs in self.graph_inputs.items():
+                lays = layouts_in(self.layouts[name])
+                self._graph.add_node((name, lays[0].dim), fx_node=name, width=sum(x.width for x in lays))
+                for src in inputs:
+                    src_lays = layouts_in(self.layouts.get(src))
+                    if src_lays:
+                        self._graph.add_edge((src, src_lays[0].dim), (name, lays[0].dim))
+        return self._graph
 
     def fresh(self, n: int) -> np.ndarray:
         ids = np.arange(self.n_elements, self.n_elements + n, dtype=np.int64)
@@ -116,7 +131,7 @@ class RuleContext:
     """What a rule sees of one node, and how it reports what it learns."""
 
     node: fx.Node
-    gm: fx.GraphModule
+    root: nn.Module
     facts: ChannelFacts
     module: nn.Module | None = None
 
@@ -187,7 +202,7 @@ class RuleContext:
         """(owner module, attribute, is_parameter) when `value` is a get_attr node."""
         if isinstance(value, fx.Node) and value.op == "get_attr":
             owner, _, attr = str(value.target).rpartition(".")
-            mod = self.gm.get_submodule(owner) if owner else self.gm
+            mod = self.root.get_submodule(owner) if owner else self.root
             return owner, attr, isinstance(getattr(mod, attr, None), nn.Parameter)
         return None
 
@@ -207,9 +222,9 @@ def channel_width(shape: torch.Size) -> int:
     return int(shape[default_channel_dim(shape)]) if len(shape) else 1
 
 
-def describe_target(node: fx.Node, gm: fx.GraphModule) -> str:
+def describe_target(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
-        return f"module {type(gm.get_submodule(str(node.target))).__name__} ('{node.target}')"
+        return f"module {type(root.get_submodule(str(node.target))).__name__} ('{node.target}')"
     if node.op == "call_method":
         return f"method .{node.target}()"
     target = node.target
@@ -232,23 +247,29 @@ def _fits(layout: Any, node: fx.Node) -> bool:
 
 
 class ChannelDependencyPass:
-    """Walks a GraphModule whose nodes carry `tensor_meta` and returns its `ChannelFacts`."""
+    """Walks a graph whose nodes carry `tensor_meta` and returns its `ChannelFacts`.
 
-    def __init__(self, gm: fx.GraphModule, rules: Any = None):
+    `root` owns the modules and parameters the graph names: a GraphModule (its own graph is walked)
+    or the traced model with its `graph`.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph | None = None, rules: Any = None):
         from .op_rules import RULES, lookup_rule
 
-        self.gm = gm
+        self.root = root
+        self.graph = graph if graph is not None else root.graph
         self.rules = RULES if rules is None else rules
         self._lookup = lookup_rule
 
     def run(self) -> ChannelFacts:
         facts = ChannelFacts()
-        modules = dict(self.gm.named_modules())
-        for node in self.gm.graph.nodes:
-            ctx = RuleContext(node, self.gm, facts, modules.get(str(node.target)) if node.op == "call_module" else None)
-            layout = self._visit(ctx)
+        modules = Submodules(self.root)
+        for node in self.graph.nodes:
+            module = modules(str(node.target)) if node.op == "call_module" else None
+            layout = self._visit(RuleContext(node, self.root, facts, module))
             facts.layouts[node.name] = layout
-            self._add_graph_node(facts, node, layout)
+            if layouts_in(layout):
+                facts.graph_inputs[node.name] = _graph_inputs(node)
         return facts
 
     def _visit(self, ctx: RuleContext) -> Any:
@@ -262,7 +283,7 @@ class ChannelDependencyPass:
             return None
         rule = self._lookup(self.rules, node, ctx.module)
         if rule is None:
-            what = describe_target(node, self.gm)
+            what = describe_target(node, self.root)
             has_tensor_io = ctx.input_layouts() or ctx.out_shape is not None or output_shapes(node)
             if not has_tensor_io:
                 return None
@@ -272,21 +293,27 @@ class ChannelDependencyPass:
             return ctx.fresh_like_output(reason)
         out = rule.propagate(ctx)
         if not _fits(out, node):
-            reason = f"rule '{rule.kind}' could not follow the channels of {describe_target(node, self.gm)}"
+            reason = f"rule '{rule.kind}' could not follow the channels of {describe_target(node, self.root)}"
             ctx.facts.unknown_ops[node.name] = reason
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
         return out
 
-    @staticmethod
-    def _add_graph_node(facts: ChannelFacts, node: fx.Node, layout: Any) -> None:
-        lays = layouts_in(layout)
-        if not lays:
-            return
-        facts.graph.add_node((node.name, lays[0].dim), fx_node=node.name, width=sum(x.width for x in lays))
-        for src in iter_nodes((node.args, node.kwargs)):
-            if node.op == "call_function" and node.target is operator.getitem and src is not node.args[0]:
-                continue
-            src_lays = layouts_in(facts.layouts.get(src.name))
-            if src_lays:
-                facts.graph.add_edge((src.name, src_lays[0].dim), (node.name, lays[0].dim))
+
+def _graph_inputs(node: fx.Node) -> list[str]:
+    """The nodes whose tensors feed `node` (for getitem, the indexed value only)."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        return [src.name for src in node.all_input_nodes if src is node.args[0]]
+    return [src.name for src in node.all_input_nodes]
+
+
+class Submodules:
+    """`root.get_submodule(path)` through one table of `root.named_modules()`: a walk per lookup costs more."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.table = dict(root.named_modules())
+
+    def __call__(self, path: str) -> nn.Module:
+        found = self.table.get(path)
+        return found if found is not None else self.root.get_submodule(path)  # a second path to a shared module

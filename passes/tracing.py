@@ -12,6 +12,10 @@ from atofx.errors import TraceError
 
 LeafSpec = type | str | nn.Module
 
+# Argument types fx's Tracer.create_arg passes straight to TracerBase.create_arg after its checks for
+# parameters, tensors, modules, named tuples and registered constant classes, none of which they can be.
+_PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, type(None)})
+
 
 class _PathTracer(fx.Tracer):
     """An fx Tracer that knows which submodule it is inside and keeps user leaf modules opaque."""
@@ -24,6 +28,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
+        self._param_names: dict[int, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -33,6 +38,23 @@ class _PathTracer(fx.Tracer):
         ):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_arg(self, a: Any) -> Any:
+        if type(a) in _PLAIN_ARGS:  # the common case (a proxy, a tuple of them, a literal): skip those checks
+            return fx.proxy.TracerBase.create_arg(self, a)
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's getattr, but a parameter's name is looked up instead of found by scanning every parameter."""
+        if isinstance(attr_val, nn.Parameter):
+            if self._param_names is None:  # named_parameters() gives each parameter once, by its first name
+                self._param_names = {id(p): name for name, p in self.root.named_parameters()}
+            name = self._param_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.path_stack.append(self.path_of_module(m))
@@ -62,15 +84,15 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def trace(
+def trace_graph(
     model: nn.Module,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Trace `model` into a GraphModule; untraceable code raises `TraceError` with the fix."""
+) -> fx.Graph:
+    """Trace `model` into a Graph whose targets are paths in `model`; untraceable code raises `TraceError`."""
     tracer = _PathTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        return tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         path = tracer.failed_in or "<root>"
         module = model.get_submodule(path) if path != "<root>" else model
@@ -79,5 +101,12 @@ def trace(
             f"Fix: keep it opaque with atofx.compile(..., leaf_modules=[{type(module).__name__}]) "
             f"(its channels are then pinned), or fix the branch with concrete_args={{...}}."
         ) from exc
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+
+
+def trace(
+    model: nn.Module,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace `model` into a GraphModule; untraceable code raises `TraceError` with the fix."""
+    return fx.GraphModule(model, trace_graph(model, leaf_modules, concrete_args), type(model).__name__)

@@ -102,31 +102,44 @@ def _shared_slice_pairs(facts: ChannelFacts) -> tuple[list[np.ndarray], list[np.
     return a, b
 
 
-class _DistinctComponents:
-    """ZIG ids present in an element-id array; most layouts share their input's array, so cache by identity."""
+def _distinct(values: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """The distinct entries of `values` (ints below len(slot)), in no set order; O(len(values)), no sort."""
+    pos = np.arange(len(values))
+    slot[values] = pos  # one position per value survives
+    return values[slot[values] == pos]
 
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
+
+class _Distinct:
+    """Distinct entries of `table[ids]` per index array, cached by identity: most layouts share their input's array."""
+
+    def __init__(self, table: np.ndarray, n_values: int):
+        self.table = table
+        self.slot = np.empty(n_values, dtype=np.int64)
         self.cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         hit = self.cache.get(id(ids))
         if hit is None or hit[0] is not ids:
-            hit = (ids, np.unique(self.labels[ids]))
+            hit = (ids, _distinct(self.table[ids], self.slot))
             self.cache[id(ids)] = hit
         return hit[1]
 
+    def of_all(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Distinct entries over several arrays."""
+        parts = [self(ids) for ids in arrays]
+        return parts[0] if len(parts) == 1 else _distinct(np.concatenate(parts), self.slot)
 
-def _unique_pairs(values: list[np.ndarray], n: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (row, value) pairs, sorted, for a list of arrays (row i = array i) or explicit rows."""
-    if not values or not sum(len(v) for v in values):
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty
-    flat = np.concatenate(values)
-    if rows is None:
-        rows = np.repeat(np.arange(len(values)), [len(v) for v in values])
-    keys = np.unique(rows.astype(np.int64) * n + flat)
-    return keys // n, keys % n
+
+def _rows_per_space(row_spaces: list[np.ndarray], n_space: int) -> list[list[int]]:
+    """For each space, the rows (indices into `row_spaces`, each an array of distinct spaces) holding it, ascending."""
+    n_rows = len(row_spaces)
+    if not n_rows:
+        return [[] for _ in range(n_space)]
+    rows = np.repeat(np.arange(n_rows), [len(v) for v in row_spaces])
+    keys = np.sort(np.concatenate(row_spaces) * n_rows + rows)
+    bounds = np.searchsorted(keys, np.arange(n_space + 1) * n_rows).tolist()
+    ordered = (keys % n_rows).tolist()
+    return [ordered[bounds[i]:bounds[i + 1]] for i in range(n_space)]
 
 
 def infer_zigs(facts: ChannelFacts) -> ZIGSet:
@@ -143,58 +156,50 @@ def infer_zigs(facts: ChannelFacts) -> ZIGSet:
     if facts.pins:
         pin_ids = np.concatenate([p.ids for p in facts.pins])
         pin_idx = np.concatenate([np.full(len(p.ids), i) for i, p in enumerate(facts.pins)])
-        order = np.argsort(pin_idx, kind="stable")[::-1]  # last write wins -> first pin's reason
-        pin_reason[labels[pin_ids[order]]] = pin_idx[order]
+        pin_reason[labels[pin_ids[::-1]]] = pin_idx[::-1]  # last write wins -> first pin's reason
 
-    distinct = _DistinctComponents(labels)
+    distinct = _Distinct(labels, n_comp)
     node_names: list[str] = []
-    node_comps: list[np.ndarray] = []
+    node_lays: list[list[np.ndarray]] = []
     for name, lay in facts.layouts.items():
         lays = layouts_in(lay)
         if lays:
             node_names.append(name)
-            comps = [distinct(x.ids) for x in lays]
-            node_comps.append(comps[0] if len(comps) == 1 else np.unique(np.concatenate(comps)))
+            node_lays.append([x.ids for x in lays])
+    node_comps = [distinct.of_all(ids) for ids in node_lays]
     pairs_node = np.repeat(np.arange(len(node_comps)), [len(c) for c in node_comps])
     pairs_comp = np.concatenate(node_comps)
     sig = _signature_hash(pairs_comp, pairs_node, n_comp, len(node_names))
 
     pinned = pin_reason >= 0
     sig ^= pinned.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    _, space_of_comp = np.unique(sig, return_inverse=True)
-    space_of_comp = space_of_comp.ravel()
     # number spaces in order of their first ZIG (topological order of the graph)
-    first = np.full(space_of_comp.max() + 1, n_comp, dtype=np.int64)
-    np.minimum.at(first, space_of_comp, np.arange(n_comp))
+    _, first, space_of_comp = np.unique(sig, return_index=True, return_inverse=True)
+    space_of_comp = space_of_comp.ravel()
     rank = np.empty_like(first)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
     comp_space = rank[space_of_comp]
+    n_space = len(first)
     order = np.argsort(comp_space, kind="stable")
-    bounds = np.searchsorted(comp_space[order], np.arange(len(first) + 1))
+    bounds = np.searchsorted(comp_space[order], np.arange(n_space + 1))
     comp_pos = np.empty(n_comp, dtype=np.int64)
-    members = [order[bounds[i]:bounds[i + 1]] for i in range(len(first))]
-    for comps in members:
-        comp_pos[comps] = np.arange(len(comps))
+    comp_pos[order] = np.arange(n_comp) - bounds[comp_space[order]]
+    members = [order[bounds[i]:bounds[i + 1]] for i in range(n_space)]
+    space_reason = np.full(n_space, len(facts.pins), dtype=np.int64)  # first pin of any of its ZIGs; none: len
+    np.minimum.at(space_reason, comp_space[pinned], pin_reason[pinned])
 
-    nodes_of_space: dict[int, list[str]] = defaultdict(list)
-    n_space = len(members)
-    for node, space in zip(*_unique_pairs([comp_space[pairs_comp]], n_space, rows=pairs_node), strict=True):
-        nodes_of_space[int(space)].append(node_names[node])
-    producers: dict[int, list[str]] = defaultdict(list)
-    consumers: dict[int, list[str]] = defaultdict(list)
-    slice_rows, slice_spaces = _unique_pairs([comp_space[distinct(x.ids)] for x in facts.slices], n_space)
-    for row, space in zip(slice_rows, slice_spaces, strict=True):
-        sl = facts.slices[row]
-        target = producers if sl.role == "out" else consumers
-        if sl.module not in target[int(space)]:
-            target[int(space)].append(sl.module)
+    space_of = _Distinct(comp_space, n_space)  # spaces of an array of ZIG ids
+    node_spaces = [space_of(comps) for comps in node_comps]
+    nodes_of_space = [[node_names[r] for r in rows] for rows in _rows_per_space(node_spaces, n_space)]
+    producers: list[list[str]] = []
+    consumers: list[list[str]] = []
+    for rows in _rows_per_space([space_of(distinct(x.ids)) for x in facts.slices], n_space):
+        producers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role == "out")))
+        consumers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role != "out")))
 
     spaces = []
-    for i, comps in enumerate(members):
-        reason_idx = pin_reason[comps[0]] if len(comps) else -1
-        is_pinned = bool(pinned[comps].any())
-        if is_pinned:
-            reason_idx = int(pin_reason[comps][pin_reason[comps] >= 0].min())
+    for i, (comps, reason_idx) in enumerate(zip(members, space_reason.tolist(), strict=True)):
+        is_pinned = reason_idx < len(facts.pins)
         name = producers[i][0] if producers[i] else nodes_of_space[i][0]
         spaces.append(
             ChannelSpace(
