@@ -43,15 +43,16 @@ class _EvalNoGrad:
         self.model = model
 
     def __enter__(self) -> None:
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
+        self.training = [m for m in self.model.modules() if m.training]  # only these change and change back
+        for m in self.training:
+            m.training = False
         self.grad = torch.no_grad()
         self.grad.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self.grad.__exit__(*exc)
-        for m, mode in self.modes.items():
-            m.training = mode
+        for m in self.training:
+            m.training = True
 
 
 class _NodeFailed(Exception):
