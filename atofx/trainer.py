@@ -449,12 +449,18 @@ class ATOTrainer:
 def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader:
     """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`.
 
-    Under torchrun each rank draws the same subset and takes its shard of it.
+    Beyond one batch, its size is rounded to whole batches: a remainder batch of a few samples would cost
+    a full controller step (a masked forward and backward) for a noisy gradient. Under torchrun each rank
+    draws the same subset and takes its shard of it.
     """
     dataset = loader.dataset
     n = len(dataset)
+    batch = loader.batch_size or 1
+    size = max(1, math.ceil(share * n))
+    if size > batch:
+        size = min(n, round(size / batch) * batch)
     gen = torch.Generator().manual_seed(seed + 1)
-    subset = Subset(dataset, torch.randperm(n, generator=gen)[: max(1, math.ceil(share * n))].tolist())
+    subset = Subset(dataset, torch.randperm(n, generator=gen)[:size].tolist())
     if distributed.current().parallel:
         return DataLoader(subset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
                           sampler=distributed.training_sampler(subset, seed + 2))

@@ -453,3 +453,16 @@ def test_training_analyses_an_uncompiled_model_from_its_first_batch(data):
     ato.train(train, 1, target_flops=0.5, progress=False, **FAST)
     assert ato.example_inputs[0].shape == (1, 1, 8, 8)
     assert isinstance(ato.mask, atofx.Mask)
+
+
+@pytest.mark.parametrize(("n", "share", "size"), [(1437, 0.05, 64), (1437, 0.5, 704), (1437, 0.01, 15),
+                                                   (100, 1.0, 100), (50000, 0.05, 2496)])
+def test_controller_subset_is_whole_batches_beyond_one(n, share, size):
+    from torch.utils.data import TensorDataset
+
+    from atofx.trainer import controller_subset
+
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=64)
+    cn = controller_subset(loader, share, seed=0)
+    assert len(cn.dataset) == size and len(set(cn.dataset.indices)) == size
+    assert controller_subset(loader, share, seed=0).dataset.indices == cn.dataset.indices  # fixed for a seed
