@@ -510,18 +510,18 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable[[Any, Tensor], Tensor], precision: StepPrecision | None = None,
-                    progress: bool = False, desc: str = "", model: nn.Module | None = None) -> tuple[float, float]:
+                    progress: bool = False, desc: str = "", model: nn.Module | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
     """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %).
 
     `model` is what takes the steps (the DistributedDataParallel wrapper under torchrun); the figures
-    returned are over all ranks. The loop itself never waits for the device, except for the progress
-    bar on the CPU.
+    returned are over all ranks. `scaler` is the run's GradScaler when `precision` is fp16 (fit makes one
+    per run). The loop itself never waits for the device, except for the progress bar on the CPU.
     """
     device = trainer.device
     model = model if model is not None else trainer.model
     model.train()
     precision = precision or StepPrecision()
-    scaler = precision.scaler(device)
     live_postfix = progress and device.type == "cpu"
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
@@ -609,6 +609,7 @@ def fit(
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
     model = trainer.model
     precision.prepare_model(model)
+    scaler = precision.scaler(device)  # one for the run: its loss scale carries over from epoch to epoch
     stepping = distributed.wrap(model, device)
     for epoch in range(trainer.state.epoch, ph.epochs):
         started = time.perf_counter()
@@ -616,7 +617,7 @@ def fit(
             distributed.set_epoch(loader, epoch)
         before = {k: v.clone() for k, v in trainer.mask.items()}
         train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, precision, progress,
-                                                f"epoch {epoch + 1}/{ph.epochs}", stepping)
+                                                f"epoch {epoch + 1}/{ph.epochs}", stepping, scaler)
         distributed.share_buffers(model)  # rank 0's BN statistics everywhere: one model to evaluate and save
         if scheduler is not None:
             scheduler.step()
