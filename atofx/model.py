@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from atofx import distributed
 from atofx.errors import AtofxError, ConfigError, DataError, EquivalenceError, ShapeError
@@ -22,6 +21,7 @@ from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.flops import FlopsModel, FlopsProp
 from atofx.passes.rewrite import patch_literals, prune_copy
+from atofx.passes.shape_prop import NodeFailed, ShapeProp
 from atofx.passes.tracing import LeafSpec, trace, trace_graph
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
 from atofx.serialization import example_inputs_of
@@ -53,65 +53,6 @@ class _EvalNoGrad:
         self.grad.__exit__(*exc)
         for m in self.training:
             m.training = True
-
-
-class _NodeFailed(Exception):
-    """A node failed during shape propagation: the node and the root cause."""
-
-    def __init__(self, node: fx.Node, exc: Exception):
-        super().__init__(node.name)
-        self.node, self.exc = node, exc
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
-    """The memory format fx's ShapeProp records, asked of the tensor directly (fx's own check is symbolic-aware
-    and slow); contiguous first, as fx finds it, for tensors that are dense in several formats."""
-    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
-        if t.is_contiguous(memory_format=fmt):
-            return fmt
-    return None
-
-
-def _tensor_meta(t: torch.Tensor) -> TensorMetadata:
-    """fx's `_extract_tensor_metadata`, faster for plain dense tensors."""
-    if t.layout != torch.strided or t.is_quantized:
-        return _extract_tensor_metadata(t)
-    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), _memory_format(t), False, {})
-
-
-class _QuietShapeProp(fx.Interpreter):
-    """fx's ShapeProp with cheaper metadata: records each node's `tensor_meta` and `type` on real inputs.
-
-    Runs on the traced model and its graph (no GraphModule needed); a failing node raises `_NodeFailed`
-    instead of printing a traceback.
-    """
-
-    def __init__(self, root: nn.Module, graph: fx.Graph):
-        super().__init__(root, graph=graph)
-
-    def propagate(self, *args: Any) -> Any:
-        return self.run(*args)
-
-    def run_node(self, n: fx.Node) -> Any:
-        try:  # Interpreter.run_node without its traceback bookkeeping, which costs more than the op on small nets
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            value = getattr(self, n.op)(n.target, args, kwargs)
-        except Exception as exc:
-            raise _NodeFailed(n, exc) from exc
-        found = False
-
-        def meta_of(x: Any) -> Any:
-            nonlocal found
-            if not isinstance(x, torch.Tensor):
-                return x
-            found = True
-            return _tensor_meta(x)
-
-        meta = fx.node.map_aggregate(value, meta_of)
-        if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(value)
-        return value
 
 
 def _describe_input(x: Any) -> str:
@@ -188,8 +129,11 @@ class ATOModel:
         root = self._root()
         with _EvalNoGrad(root):
             try:
-                output = _QuietShapeProp(root, self.graph).propagate(*inputs)
-            except _NodeFailed as failed:
+                try:
+                    output = ShapeProp(root, self.graph, shape_only=True).propagate(*inputs)
+                except NodeFailed:  # zeros in place of conv outputs upset it, or the inputs are wrong: run for real
+                    output = ShapeProp(root, self.graph).propagate(*inputs)
+            except NodeFailed as failed:
                 shapes = ", ".join(_describe_input(x) for x in inputs)
                 cause = str(failed.exc).strip().splitlines()
                 raise ShapeError(

@@ -1,0 +1,153 @@
+"""Shape propagation for the analysis: fx's ShapeProp, with less work per node and no arithmetic in layers.
+
+The analysis needs each node's shape, dtype, strides and memory format, never its values. Convolutions,
+linear and batch-norm layers are most of a CNN's forward time, and their output metadata follows from
+the input's and the layer's hyper-parameters alone: `ShapeProp(shape_only=True)` hands them a zero
+tensor of that shape instead of computing it (only for the plain torch classes, in eval mode, on
+row-major inputs, without autograd or hooks, where that metadata is certain). Values downstream are then
+not the model's: a graph that fails on them is rerun by the caller with `shape_only=False`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+from torch.nn.modules import module as _module_hooks
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+class NodeFailed(Exception):
+    """A node failed during shape propagation: the node and the root cause."""
+
+    def __init__(self, node: fx.Node, exc: Exception):
+        super().__init__(node.name)
+        self.node, self.exc = node, exc
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format | None:
+    """The memory format fx's ShapeProp records, asked of the tensor directly (fx's own check is symbolic-aware
+    and slow); contiguous first, as fx finds it, for tensors that are dense in several formats."""
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
+def tensor_meta(t: torch.Tensor) -> TensorMetadata:
+    """fx's `_extract_tensor_metadata`, faster for plain dense tensors."""
+    if t.layout != torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), _memory_format(t), False, {})
+
+
+def _conv_sizes(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> list[int] | None:
+    if m.padding_mode != "zeros" or x.dim() != m.weight.dim() or x.shape[1] != m.in_channels:
+        return None
+    spatial = x.shape[2:]
+    if m.padding == "same":
+        return list(spatial)
+    padding = (0,) * len(spatial) if m.padding == "valid" else m.padding
+    sizes = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(spatial, padding, m.dilation, m.kernel_size, m.stride, strict=True)
+    ]
+    return sizes if min(sizes) > 0 else None
+
+
+def _output_shape(m: nn.Module, args: tuple, kwargs: dict) -> list[int] | None:
+    """The output shape of a plain conv, linear or eval-mode batch-norm layer on `args`, or None where only
+    running it can tell."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    if type(m) in _CONVS:
+        sizes = _conv_sizes(m, x)  # type: ignore[arg-type]
+        return None if sizes is None else [x.shape[0], m.out_channels, *sizes]
+    if type(m) is nn.Linear and x.dim() >= 1 and x.shape[-1] == m.in_features:
+        return [*x.shape[:-1], m.out_features]
+    dims = _BATCH_NORM_DIMS.get(type(m))
+    if dims and not m.training and x.dim() in dims and x.shape[1] == m.num_features and m.weight is not None:
+        return list(x.shape)
+    return None
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Strides exactly those of a fresh tensor: kernels pick their output layout from the strides, including
+    those of size-1 dims that `is_contiguous()` ignores."""
+    stride = 1
+    for size, step in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        if step != stride:
+            return False
+        stride *= size
+    return True
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+    )
+
+
+class ShapeProp(fx.Interpreter):
+    """Record each node's `tensor_meta` and `type` on real inputs, as fx's ShapeProp does.
+
+    Runs on the traced model and its graph (no GraphModule needed); a failing node raises `NodeFailed`
+    instead of printing a traceback. With `shape_only`, plain conv, linear and eval batch-norm layers output zeros of the
+    right shape rather than their values.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, *, shape_only: bool = False):
+        super().__init__(root, graph=graph)
+        self.shape_only = shape_only
+
+    def propagate(self, *args: Any) -> Any:
+        return self.run(*args)
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        m = self.submodules.get(target)
+        if m is None:  # a second path to a shared module: named_modules() lists each module once
+            m = self.fetch_attr(target)
+        if self.shape_only and not torch.is_grad_enabled():
+            shape = _output_shape(m, args, kwargs)
+            x = args[0] if shape is not None else None
+            if (
+                x is not None
+                and x.numel()
+                and x.dtype == m.weight.dtype
+                and x.device == m.weight.device
+                and _row_major(x)
+                and _row_major(m.weight)
+                and not _hooked(m)
+            ):
+                return torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return m(*args, **kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:  # Interpreter.run_node without its traceback bookkeeping, which costs more than the op on small nets
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = getattr(self, n.op)(n.target, args, kwargs)
+        except Exception as exc:
+            raise NodeFailed(n, exc) from exc
+        found = False
+
+        def meta_of(x: Any) -> Any:
+            nonlocal found
+            if not isinstance(x, torch.Tensor):
+                return x
+            found = True
+            return tensor_meta(x)
+
+        meta = fx.node.map_aggregate(value, meta_of)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(value)
+        return value
