@@ -350,6 +350,8 @@ class ATOTrainer:
             self.mask = self.saliency_mask()
         if self.state.epoch >= ph.end and not self.state.frozen:
             self.state.frozen = True
+            if self.config.method == "ato":
+                self.mask = self.budget_mask()
         if self.state.epoch >= ph.epochs:
             self.params.zero_(self.params.keep_vector(self.mask) == 0)
         return {"frozen": self.state.frozen, "flops_kept": self.flops_kept()}
@@ -385,6 +387,16 @@ class ATOTrainer:
         return Mask({k: v.detach().cpu().bool() for k, v in self.mask.items()})
 
     @torch.no_grad()
+    def budget_mask(self) -> Masks:
+        """The mask frozen at the window's end: the controller's, with its logit threshold raised until the
+        FLOPs model keeps at most the target. The regulariser brings the *sampled* masks to the budget; the
+        noiseless mask can stay above it, and a run must end at the FLOPs it was asked for."""
+        if self.flops_kept() <= self.config.target_flops:
+            return self.mask
+        logits = {k: v + self.config.offset for k, v in self.controller().items()}
+        return self._threshold_for_target(logits)
+
+    @torch.no_grad()
     def saliency_mask(self) -> Masks:
         """Static baseline: keep the ZIGs of largest relative group norm until the FLOPs target is met."""
         norms = self.params.group_norms()
@@ -392,16 +404,21 @@ class ATOTrainer:
         for s in self.ato.zigs.prunable:
             n = norms[torch.as_tensor(s.components, device=norms.device)]
             rel[s.index] = n / n.mean().clamp_min(1e-12)
+        return self._threshold_for_target(rel)
+
+    def _threshold_for_target(self, scores: dict[int, Tensor]) -> Masks:
+        """Keep the ZIGs whose score exceeds one threshold (>= 0), bisected so that the FLOPs model keeps at most
+        the target; every space keeps at least its best-scored ZIG."""
 
         def mask_at(t: float) -> Masks:
             out = {}
-            for k, r in rel.items():
-                m = (r >= t).to(torch.float64)
+            for k, r in scores.items():
+                m = (r > t).to(torch.float64)
                 m[r.argmax()] = 1.0
                 out[k] = m
             return out
 
-        lo, hi = 0.0, max(float(r.max()) for r in rel.values()) + 1.0
+        lo, hi = 0.0, max(float(r.max()) for r in scores.values()) + 1.0
         target = self.config.target_flops * self.flops.total
         for _ in range(40):
             mid = (lo + hi) / 2

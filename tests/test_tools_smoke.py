@@ -63,7 +63,8 @@ def test_uniform_mask_rejects_bad_target(digits_ato):
 def test_bench_model_rows(monkeypatch):
     monkeypatch.setitem(bench_latency.MODELS, "tiny", (lambda: resnet20(10, 3), (3, 16, 16)))
     rows = bench_latency.bench_model("tiny", (0.5,), (1, 4), repeats=2, warmup=1)
-    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 4)]
+    assert [(r["model"], r["memory_format"], r["batch"]) for r in rows] == [
+        ("tiny", "contiguous", 1), ("tiny", "contiguous", 4), ("tiny", "channels_last", 1), ("tiny", "channels_last", 4)]
     for r in rows:
         assert abs(r["pruned_flops"] - 0.5) <= 0.01
         assert r["flops_speedup"] == pytest.approx(1.0 / (1.0 - r["pruned_flops"]))

@@ -241,6 +241,31 @@ def test_current_mask_keeps_the_largest_logit_of_an_emptied_space():
     assert all(bool((m == 1).all()) for k, m in mask.items() if k != key)
 
 
+def test_frozen_mask_meets_the_target_by_raising_the_logit_threshold():
+    """A controller whose noiseless mask keeps too much at the window's end is cut to the budget: one threshold
+    over its logits, so no dropped ZIG outscores a kept one (bar the best ZIG every space keeps)."""
+    ato = fresh()
+    trainer = ato.start_training(4, 0.5)
+    assert trainer.flops_kept() == 1.0  # a fresh controller keeps every ZIG
+    info = trainer.end_epoch(trainer.phases.end - 1)
+    assert trainer.state.frozen and 0.45 <= info["flops_kept"] <= 0.5
+    logits = trainer.controller()
+    kept, dropped = [], []
+    for k, m in trainer.mask.items():
+        scores = logits[k].clone()
+        scores[scores.argmax()] = float("nan")
+        kept += scores[(m == 1) & ~scores.isnan()].tolist()
+        dropped += scores[m == 0].tolist()
+    assert dropped and max(dropped) < min(kept)
+
+
+def test_a_frozen_mask_within_the_target_is_left_alone(data):
+    ato, history = run(data, epochs=4, controller_lr=0.1, controller_epochs=2)
+    trainer = ato._trainer
+    assert history[-1]["flops_kept"] < 0.5
+    assert all(torch.equal(trainer.mask[k], m) for k, m in trainer.current_mask().items())
+
+
 # ---------------------------------------------------------------------- (d): a folder of another run
 
 

@@ -7,6 +7,9 @@ against, keeps the target share of the dense FLOPs within 1% (absolute). Each ma
 out with `ato.prune(mask)` (equivalence checked). Latency: eval mode, `torch.no_grad()`, torch on
 2 threads, warm-up runs, then the dense model and its pruned versions run round-robin (dense,
 30%, 50%, 70%, dense, ...) so that machine noise hits all alike; the median of the repeats.
+Each measurement is taken in both memory formats, dense and pruned alike: NCHW ("contiguous",
+eager PyTorch's default) and NHWC ("channels_last", what PyTorch recommends for CNN inference on
+the CPU: oneDNN then needs no blocked copy padded to 8 or 16 channels, which pruned widths rarely are).
 
     python tools/bench_latency.py --quick --json bench-latency.json   # ResNet-50 at 50% pruned, batch 1 and 32
     python tools/bench_latency.py                                     # ResNet-50, MobileNetV2, CIFAR ResNet-56
@@ -15,6 +18,7 @@ out with `ato.prune(mask)` (equivalence checked). Latency: eval mode, `torch.no_
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -38,6 +42,7 @@ from atofx.report import format_table
 
 TARGETS = (0.3, 0.5, 0.7)  # share of the dense FLOPs removed ("pruned FLOPs", as the paper reports it)
 BATCHES = (1, 32)
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet50": (lambda: torchvision.models.resnet50(weights=None), (3, 224, 224)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(weights=None), (3, 224, 224)),
@@ -84,8 +89,8 @@ def _latency(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...], repeats: int,
-                warmup: int, seed: int = 0) -> list[dict]:
-    """Rows (model, batch, pruned_flops, flops_speedup, latency_speedup, ...) for one model."""
+                warmup: int, seed: int = 0, formats: tuple[str, ...] = tuple(MEMORY_FORMATS)) -> list[dict]:
+    """Rows (model, memory_format, batch, pruned_flops, flops_speedup, latency_speedup, ...) for one model."""
     factory, shape = MODELS[name]
     torch.manual_seed(seed)
     dense = factory().eval()
@@ -97,9 +102,10 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
         pruned.append((t, kept, ato.prune(mask).eval()))
     rows = []
     with torch.no_grad():
-        for batch in batches:
-            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
-            models = [dense] + [m for _, _, m in pruned]
+        for fmt, batch in ((f, b) for f in formats for b in batches):
+            layout = MEMORY_FORMATS[fmt]
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed)).to(memory_format=layout)
+            models = [copy.deepcopy(m).to(memory_format=layout) for m in [dense] + [m for _, _, m in pruned]]
             for _ in range(warmup):
                 for m in models:
                     m(x)
@@ -109,18 +115,20 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
                     times[i].append(_latency(m, x))
             med = [statistics.median(t) for t in times]
             for (t, kept, _), m_s, runs in zip(pruned, med[1:], times[1:], strict=True):
-                rows.append({"model": name, "batch": batch, "pruned_flops": 1.0 - kept, "target_pruned_flops": t,
+                rows.append({"model": name, "memory_format": fmt, "batch": batch, "pruned_flops": 1.0 - kept,
+                             "target_pruned_flops": t,
                              "dense_mflops": total / 1e6, "flops_speedup": 1.0 / kept,
                              "dense_ms": 1e3 * med[0], "pruned_ms": 1e3 * m_s, "latency_speedup": med[0] / m_s,
                              "dense_runs_s": times[0], "pruned_runs_s": runs})
-            print(f"  {name} batch {batch}: dense {1e3 * med[0]:.1f} ms, pruned "
+            print(f"  {name} {fmt} batch {batch}: dense {1e3 * med[0]:.1f} ms, pruned "
                   + ", ".join(f"{1e3 * m:.1f}" for m in med[1:]) + " ms", file=sys.stderr, flush=True)
     return rows
 
 
 def _cells(r: dict) -> list[str]:
     ratio = r["latency_speedup"] / r["flops_speedup"]
-    return [r["model"], str(r["batch"]), f"{100 * r['pruned_flops']:.1f}%", f"{r['dense_ms']:.1f}", f"{r['pruned_ms']:.1f}",
+    return [r["model"], r["memory_format"], str(r["batch"]), f"{100 * r['pruned_flops']:.1f}%", f"{r['dense_ms']:.1f}",
+            f"{r['pruned_ms']:.1f}",
             f"{r['flops_speedup']:.2f}x", f"{r['latency_speedup']:.2f}x", f"{ratio:.2f}"]
 
 
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: all three")
     parser.add_argument("--targets", nargs="+", type=float, help="shares of FLOPs removed (default 0.3 0.5 0.7)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model and batch (default 11, quick 5)")
+    parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS),
+                        help="layouts to time dense and pruned in (default: both)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
@@ -144,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[dict] = []
     for name in names:
-        rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed)
+        rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed, tuple(args.memory_formats))
         gc.collect()
     load_after = os.getloadavg()
-    print(format_table(["model", "batch", "FLOPs pruned", "dense ms", "pruned ms", "FLOPs speedup", "latency speedup",
-                        "latency/FLOPs"], [_cells(r) for r in rows]))
+    print(format_table(["model", "layout", "batch", "FLOPs pruned", "dense ms", "pruned ms", "FLOPs speedup",
+                        "latency speedup", "latency/FLOPs"], [_cells(r) for r in rows]))
     print(f"median of {repeats} interleaved runs after {warmup} warm-up runs; torch {torch.__version__}, "
           f"{args.threads} threads, {os.cpu_count()} CPU cores; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
