@@ -320,7 +320,8 @@ class ATOTrainer:
         loss_fn = loss_fn or nn.functional.cross_entropy
         masks = self.controller.sample(hard=True, tau=self.config.tau, offset=self.config.offset,
                                        generator=self.generator)
-        self.slots.set(self.flops.keep_vector(masks))
+        keep = self.flops.keep_vector(masks)
+        self.slots.set(keep)
         model_params = [p for p in self.gm.parameters() if p.requires_grad]
         was_training = self.gm.training
         try:
@@ -328,7 +329,7 @@ class ATOTrainer:
                 p.requires_grad_(False)
             self.gm.eval()
             task = loss_fn(self.gm(*inputs), targets)
-            p = self.flops(masks)
+            p = self.flops.of_vector(keep)
             loss = controller_loss(task, p, self.config.target_flops, self.flops.total, self.config.gamma)
             self.controller_opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,19 +79,27 @@ class FlopsModel:
         self._flops = torch.as_tensor(t[:, 0])
         self._in = torch.as_tensor(t[:, 1].astype(np.int64))
         self._out = torch.as_tensor(t[:, 2].astype(np.int64))
+        self._components: dict[tuple, torch.Tensor] = {}
 
     def keep_vector(self, keep: dict[int, torch.Tensor]) -> torch.Tensor:
         """One float per ZIG id: the given bits for listed spaces, 1 elsewhere."""
         dtype = next(iter(keep.values())).dtype if keep else torch.float64
         device = next(iter(keep.values())).device if keep else None
         vec = torch.ones(len(self.zigs.comp_space), dtype=dtype, device=device)
-        for index, bits in keep.items():
-            comps = torch.as_tensor(self.zigs.spaces[index].components, device=vec.device)
-            vec = vec.index_put((comps,), bits.to(dtype))
-        return vec
+        if not keep:
+            return vec
+        key = (tuple(keep), vec.device)
+        comps = self._components.get(key)
+        if comps is None:  # the ZIG ids of the listed spaces, in their order; the same few keys every step
+            ids = np.concatenate([np.asarray(self.zigs.spaces[i].components, dtype=np.int64) for i in keep])
+            comps = self._components[key] = torch.as_tensor(ids, device=vec.device)
+        return vec.index_put((comps,), torch.cat([bits.to(dtype) for bits in keep.values()]))
 
     def __call__(self, keep: dict[int, torch.Tensor]) -> torch.Tensor:
-        vec = self.keep_vector(keep)
+        return self.of_vector(self.keep_vector(keep))
+
+    def of_vector(self, vec: torch.Tensor) -> torch.Tensor:
+        """P for a keep vector (one value per ZIG id, as `keep_vector` builds it)."""
         dev = vec.device
         frac = vec.new_zeros(self._n_rows + 1).index_add(
             0, self._rows.to(dev), vec[self._cols.to(dev)] * self._weights.to(dev, vec.dtype))
