@@ -1,4 +1,4 @@
-"""Smoke tests for tools/bench_latency.py and tools/bench_accuracy.py: their core functions on tiny settings."""
+"""Smoke tests for tools/bench_latency.py, bench_accuracy.py and bench_overhead.py: their core functions on tiny settings."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _load(name: str):
 
 bench_latency = _load("bench_latency")
 bench_accuracy = _load("bench_accuracy")
+bench_overhead = _load("bench_overhead")
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,17 @@ def test_accuracy_benchmark_runs_only_the_methods_asked_for():
     runs = bench_accuracy.run_all([0], (0.5,), epochs=2, methods=("ato",))
     assert [r["method"] for r in runs] == ["ato"]
     assert set(bench_accuracy.figures(bench_accuracy.summarize(runs, (0.5,)), (0.5,))) == {"ato_meets_flops_at_0.50"}
+
+
+def test_overhead_ratios_are_paired_per_repeat():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, generator=gen)
+    r = bench_overhead.measure(resnet20(10, 1), loader, (1, 1, 8, 8), repeats=3)
+    times = r["times_s"]
+    assert all(len(v) == 3 for v in times.values())
+    for kind in ("outside", "inside"):
+        paired = sorted(t / p for t, p in zip(times[kind], times["plain"], strict=True))
+        assert r[f"ratio_{kind}_window"] == paired[1]
+

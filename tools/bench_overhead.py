@@ -1,10 +1,12 @@
 """Training overhead of ATO: ATO epoch time / plain PyTorch epoch time, same model, data and optimizer.
 
-Three kinds of epoch are timed in one process, interleaved, several repeats, median:
-plain (optimizer steps only), ATO outside the controller window (steps + group projection
-on a half-dropped mask) and ATO inside the window (the same plus the controller's pass over
-D_CN). Prints a table; `--json PATH` writes `ratio_inside_window` and `ratio_outside_window`
-per model.
+Three kinds of epoch are timed in one process, interleaved, several repeats: plain (optimizer
+steps only), ATO outside the controller window (steps + group projection on a half-dropped mask)
+and ATO inside the window (the same plus the controller's pass over D_CN). Each repeat runs the
+three once, in an order that rotates from repeat to repeat, and gives its own ratios to plain;
+the ratios reported are the medians of these paired ratios, so that the machine's slow drifts
+(which on a shared VM move whole epochs by 5-10%) cancel within a repeat. Prints a table;
+`--json PATH` writes `ratio_inside_window` and `ratio_outside_window` per model.
 
     python tools/bench_overhead.py            # full: CIFAR ResNet-56 on 32x32 tensors, digits ResNet-20
     python tools/bench_overhead.py --quick    # a few minutes on 2 CPU cores
@@ -77,27 +79,30 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
         controller_epoch(trainer, cn, loss)
         trainer.mask = mask  # keep the projected set fixed across repeats
 
-    for fn in (plain, outside, inside):  # warm-up
+    kinds = {"plain": plain, "outside": outside, "inside": inside}
+    for fn in kinds.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {"plain": [], "outside": [], "inside": []}
-    for _ in range(repeats):
-        times["plain"].append(_timed(plain))
-        times["outside"].append(_timed(outside))
-        times["inside"].append(_timed(inside))
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    order = list(kinds)
+    for r in range(repeats):
+        for k in order[r % 3:] + order[: r % 3]:
+            times[k].append(_timed(kinds[k]))
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"], strict=True))
+              for k in ("outside", "inside")}
     return {"plain_s": med["plain"], "outside_s": med["outside"], "inside_s": med["inside"],
-            "ratio_outside_window": med["outside"] / med["plain"], "ratio_inside_window": med["inside"] / med["plain"]}
+            "ratio_outside_window": paired["outside"], "ratio_inside_window": paired["inside"], "times_s": times}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512 random CIFAR-sized images, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="512 random CIFAR-sized images, 7 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (7 if args.quick else 5)
     rows, results = [], {}
     for name, model, loader, shape in _setups(args.quick):
         r = measure(model, loader, shape, repeats)
@@ -106,7 +111,8 @@ def main() -> None:
                      f"{r['ratio_outside_window']:.3f}", f"{r['ratio_inside_window']:.3f}"])
     print(format_table(["model / data", "plain s", "ATO outside s", "ATO inside s", "ratio outside", "ratio inside"],
                        rows))
-    print(f"median of {repeats} interleaved repeats, torch threads {args.threads}")
+    print(f"times: medians of {repeats} interleaved repeats; ratios: medians of the paired per-repeat ratios; "
+          f"torch threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps({"models": results, "repeats": repeats, "threads": args.threads,
                                          "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
