@@ -5,7 +5,8 @@ steps only), ATO outside the controller window (steps + group projection on a ha
 and ATO inside the window (the same plus the controller's pass over D_CN). Each repeat runs the
 three once, in an order that rotates from repeat to repeat, and gives its own ratios to plain;
 the ratios reported are the medians of these paired ratios, so that the machine's slow drifts
-(which on a shared VM move whole epochs by 5-10%) cancel within a repeat. Prints a table;
+(which on a shared VM move whole epochs by 5-30%) cancel within a repeat; the digits model, whose
+epochs are short, gets five times the repeats. Prints a table;
 `--json PATH` writes `ratio_inside_window` and `ratio_outside_window` per model.
 
     python tools/bench_overhead.py            # full: CIFAR ResNet-56 on 32x32 tensors, digits ResNet-20
@@ -32,8 +33,12 @@ from atofx.plain_training import default_optimizer, train_epoch
 from atofx.report import format_table
 from atofx.trainer import ATOTrainer, controller_epoch, controller_subset, train_one_epoch
 
+# The digits epochs are about a tenth of the CIFAR ones, and a shared machine's noise is a larger share of a
+# short epoch: the digits model gets this many times the repeats.
+DIGITS_REPEAT_FACTOR = 5
 
-def _setups(quick: bool) -> list[tuple[str, nn.Module, DataLoader, tuple[int, ...]]]:
+
+def _setups(quick: bool) -> list[tuple[str, nn.Module, DataLoader, tuple[int, ...], int]]:
     gen = torch.Generator().manual_seed(0)
     n = 512 if quick else 5000
     x, y = torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
@@ -41,8 +46,8 @@ def _setups(quick: bool) -> list[tuple[str, nn.Module, DataLoader, tuple[int, ..
     train, _ = digits(0)
     digit_loader = DataLoader(train, batch_size=64, shuffle=True, generator=gen)
     return [
-        ("resnet56 / 32x32 tensors", resnet56(10, 3), cifar, (1, 3, 32, 32)),
-        ("resnet20 / digits", resnet20(10, 1), digit_loader, (1, 1, 8, 8)),
+        ("resnet56 / 32x32 tensors", resnet56(10, 3), cifar, (1, 3, 32, 32), 1),
+        ("resnet20 / digits", resnet20(10, 1), digit_loader, (1, 1, 8, 8), DIGITS_REPEAT_FACTOR),
     ]
 
 
@@ -96,22 +101,23 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="512 random CIFAR-sized images, 7 repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="512 random CIFAR-sized images, 7 repeats (digits: 35)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"repeats per model (default 5, quick 7; the digits model gets {DIGITS_REPEAT_FACTOR}x)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (7 if args.quick else 5)
     rows, results = [], {}
-    for name, model, loader, shape in _setups(args.quick):
-        r = measure(model, loader, shape, repeats)
-        results[name] = r
-        rows.append([name, f"{r['plain_s']:.2f}", f"{r['outside_s']:.2f}", f"{r['inside_s']:.2f}",
+    for name, model, loader, shape, factor in _setups(args.quick):
+        r = measure(model, loader, shape, repeats * factor)
+        results[name] = r | {"repeats": repeats * factor}
+        rows.append([name, str(repeats * factor), f"{r['plain_s']:.2f}", f"{r['outside_s']:.2f}", f"{r['inside_s']:.2f}",
                      f"{r['ratio_outside_window']:.3f}", f"{r['ratio_inside_window']:.3f}"])
-    print(format_table(["model / data", "plain s", "ATO outside s", "ATO inside s", "ratio outside", "ratio inside"],
-                       rows))
-    print(f"times: medians of {repeats} interleaved repeats; ratios: medians of the paired per-repeat ratios; "
+    print(format_table(["model / data", "repeats", "plain s", "ATO outside s", "ATO inside s", "ratio outside",
+                        "ratio inside"], rows))
+    print(f"times: medians of the interleaved repeats; ratios: medians of the paired per-repeat ratios; "
           f"torch threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps({"models": results, "repeats": repeats, "threads": args.threads,
