@@ -1,8 +1,9 @@
-"""Smoke tests for tools/bench_latency.py, bench_accuracy.py and bench_overhead.py: their core functions on tiny settings."""
+"""Smoke tests for the bench tools (latency, accuracy, overhead) and their plots: core functions on tiny settings."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def _load(name: str):
 bench_latency = _load("bench_latency")
 bench_accuracy = _load("bench_accuracy")
 bench_overhead = _load("bench_overhead")
+bench_plots = _load("bench_plots")
 
 
 @pytest.fixture(scope="module")
@@ -157,4 +159,39 @@ def test_overhead_ratios_are_paired_per_repeat():
     for kind in ("outside", "inside"):
         paired = sorted(t / p for t, p in zip(times[kind], times["plain"], strict=True))
         assert r[f"ratio_{kind}_window"] == paired[1]
+
+
+PAYLOADS = {
+    "plot_accuracy": {"rows": [
+        {"method": "dense", "pruned_flops_target": 0.0, "flops_kept_mean": 1.0, "acc_mean": 98.9, "acc_std": 0.5},
+        {"method": "ato", "pruned_flops_target": 0.5, "flops_kept_mean": 0.49, "acc_mean": 99.1, "acc_std": 0.2},
+        {"method": "ato", "pruned_flops_target": 0.7, "flops_kept_mean": 0.30, "acc_mean": 98.7, "acc_std": 0.3}],
+        "model": "resnet20", "dataset": "digits"},
+    "plot_latency": {"rows": [
+        {"model": "m", "memory_format": fmt, "batch": b, "pruned_flops": 0.5, "flops_speedup": 2.0,
+         "latency_speedup": 1.7} for fmt in ("contiguous", "channels_last") for b in (1, 32)]},
+    "plot_analysis": {"median_ratio": 0.4, "rows": [{"model": "a", "ratio": 0.3}, {"model": "b", "ratio": 0.5},
+                                                    {"model": "c"}]},
+    "plot_overhead": {"models": {"m": {"ratio_outside_window": 1.01, "ratio_inside_window": 1.04}},
+                      "ratio_outside_window": 1.01, "ratio_inside_window": 1.04},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_each_bench_json_is_drawn_by_its_own_plot(name, tmp_path):
+    payload = PAYLOADS[name]
+    assert bench_plots.plot_for(payload).__name__ == name
+    out = bench_plots.main([str(_write(tmp_path / "r.json", payload)), str(tmp_path / "r.png")])
+    assert out == 0 and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_json_of_no_bench_is_refused(tmp_path, capsys):
+    assert bench_plots.main([str(_write(tmp_path / "x.json", {"rows": [{"x": 1}]})), str(tmp_path / "x.png")]) == 2
+    assert "not a JSON file written by tools/bench_" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def _write(path, payload):
+    path.write_text(json.dumps(payload))
+    return path
 

@@ -49,6 +49,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_plots  # noqa: E402
 from bench_latency import uniform_mask  # noqa: E402
 
 import atofx  # noqa: E402
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: resnet20 on digits, resnet56 on CIFAR-10")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
     args = parser.parse_args(argv)
 
     if args.data_dir is None:
@@ -299,16 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{seconds:.0f} s, {args.jobs} job(s); torch {torch.__version__}, {os.cpu_count()} CPU cores; load average "
           f"(1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
           f"{'/'.join(f'{v:.1f}' for v in load_after)} after")
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(), "load_average_before": load_before,
+               "load_average_after": load_after}
+    payload = {"rows": rows, "runs": runs, "figures": checks, "epochs": epochs, "seeds": seeds,
+               "model": model, "dataset": dataset, "lam": args.lam, "finetune_lr": args.finetune_lr,
+               "seconds": seconds, "machine": machine, "date": datetime.date.today().isoformat()}
     if args.json:
-        machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "python": platform.python_version(), "load_average_before": load_before,
-                   "load_average_after": load_after}
-        payload = {"rows": rows, "runs": runs, "figures": checks, "epochs": epochs, "seeds": seeds,
-                   "model": model, "dataset": dataset, "lam": args.lam, "finetune_lr": args.finetune_lr,
-                   "seconds": seconds, "machine": machine,
-                   "date": datetime.date.today().isoformat()}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {bench_plots.plot_accuracy(payload, args.plot)}")
     return 0
 
 

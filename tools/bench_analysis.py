@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_plots
 import torch
 
 import atofx
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", metavar="CxHxW", type=model_zoo.parse_input_size, default=None,
                         help="example input without the batch dim (default: each model's own, 224 or 299)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(2)
@@ -109,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median ratio atofx/tp over {len(ratios)} models: {median_ratio:.2f} "
           f"(torch {torch.__version__}, {os.cpu_count()} CPU cores, {REPEATS} runs each, median; "
           f"1-min load average {load[0]:.1f} before, {load[1]:.1f} after)")
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(), "threads": torch.get_num_threads(), "load_average_1min": load}
+    payload = {"median_ratio": median_ratio, "rows": rows, "machine": machine,
+               "date": datetime.date.today().isoformat()}
     if args.json:
-        machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "python": platform.python_version(), "threads": torch.get_num_threads(),
-                   "load_average_1min": load}
-        payload = {"median_ratio": median_ratio, "rows": rows, "machine": machine,
-                   "date": datetime.date.today().isoformat()}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.plot and ratios:
+        print(f"wrote {bench_plots.plot_analysis(payload, args.plot)}")
     return 0 if ratios else 1
 
 

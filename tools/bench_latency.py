@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_plots
 import torch
 import torchvision
 from torch import nn
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -162,14 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {repeats} interleaved runs after {warmup} warm-up runs; torch {torch.__version__}, "
           f"{args.threads} threads, {os.cpu_count()} CPU cores; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version(), "threads": args.threads,
+               "load_average_before": load_before, "load_average_after": load_after}
+    payload = {"rows": rows, "repeats": repeats, "warmup": warmup, "machine": machine,
+               "date": datetime.date.today().isoformat()}
     if args.json:
-        machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "python": platform.python_version(), "threads": args.threads,
-                   "load_average_before": load_before, "load_average_after": load_after}
-        payload = {"rows": rows, "repeats": repeats, "warmup": warmup, "machine": machine,
-                   "date": datetime.date.today().isoformat()}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {bench_plots.plot_latency(payload, args.plot)}")
     return 0
 
 

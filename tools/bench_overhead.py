@@ -22,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bench_plots
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"repeats per model (default 5, quick 7; the digits model gets {DIGITS_REPEAT_FACTOR}x)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (7 if args.quick else 5)
@@ -119,11 +121,14 @@ def main() -> None:
                         "ratio inside"], rows))
     print(f"times: medians of the interleaved repeats; ratios: medians of the paired per-repeat ratios; "
           f"torch threads {args.threads}")
+    payload = {"models": results, "repeats": repeats, "threads": args.threads,
+               "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
+               "ratio_inside_window": max(r["ratio_inside_window"] for r in results.values())}
     if args.json:
-        args.json.write_text(json.dumps({"models": results, "repeats": repeats, "threads": args.threads,
-                                         "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
-                                         "ratio_inside_window": max(r["ratio_inside_window"] for r in results.values())},
-                                        indent=2))
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {bench_plots.plot_overhead(payload, args.plot)}")
 
 
 if __name__ == "__main__":
