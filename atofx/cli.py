@@ -158,6 +158,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=("ato", "static"),
                    help="ato: the controller; static: OTO-style fixed saliency mask (default: ato)")
     p.add_argument("--projection", choices=("prox", "hsp"), help="(default: prox)")
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="keep a multiple of N channels per space (8 or 16 run faster on most CPUs and GPUs; default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     p.add_argument("--out", help=f"output folder (default: ./{d.out})")

@@ -35,7 +35,7 @@ from atofx import distributed
 from atofx.controller import Controller, Masks
 from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
 from atofx.flops_regularizer import controller_loss
-from atofx.mask import Mask
+from atofx.mask import Mask, rounded_count
 from atofx.mixed_precision import StepPrecision
 from atofx.passes.instrument import instrument
 from atofx.projection import ZIGParams
@@ -61,6 +61,7 @@ class ATOConfig:
     tau: float = 0.4
     offset: float = 3.0
     lam_boost: float = 10.0  # lambda multiplier reached at the last epoch once the mask is frozen
+    round_to: int = 1  # the frozen mask keeps a multiple of this many ZIGs per space (1: any number)
     seed: int = 0
 
     def validate(self) -> None:
@@ -75,6 +76,9 @@ class ATOConfig:
             raise ConfigError(f"controller_window must satisfy 0 <= start < end <= 1, got {self.controller_window}.")
         if not 0.0 < self.controller_data <= 1.0:
             raise ConfigError(f"controller_data must be in (0, 1], got {self.controller_data}.")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"round_to must be a whole number of channels >= 1 (8 or 16 suit most CPUs and GPUs), "
+                              f"got {self.round_to!r}.")
 
 
 @dataclass
@@ -391,8 +395,9 @@ class ATOTrainer:
     def budget_mask(self) -> Masks:
         """The mask frozen at the window's end: the controller's, with its logit threshold raised until the
         FLOPs model keeps at most the target. The regulariser brings the *sampled* masks to the budget; the
-        noiseless mask can stay above it, and a run must end at the FLOPs it was asked for."""
-        if self.flops_kept() <= self.config.target_flops:
+        noiseless mask can stay above it, and a run must end at the FLOPs it was asked for. With `round_to`,
+        each space's kept count moves to a multiple of it (`rounded_count`), best logits first."""
+        if self.config.round_to == 1 and self.flops_kept() <= self.config.target_flops:
             return self.mask
         logits = {k: v + self.config.offset for k, v in self.controller().items()}
         return self._threshold_for_target(logits)
@@ -409,13 +414,17 @@ class ATOTrainer:
 
     def _threshold_for_target(self, scores: dict[int, Tensor]) -> Masks:
         """Keep the ZIGs whose score exceeds one threshold (>= 0), bisected so that the FLOPs model keeps at most
-        the target; every space keeps at least its best-scored ZIG."""
+        the target; every space keeps at least its best-scored ZIG, and a count `rounded_count` allows."""
+        multiple = self.config.round_to
 
         def mask_at(t: float) -> Masks:
             out = {}
             for k, r in scores.items():
                 m = (r > t).to(torch.float64)
                 m[r.argmax()] = 1.0
+                if multiple > 1:
+                    n = rounded_count(int(m.sum()), len(r), multiple)
+                    m = torch.zeros_like(m).index_fill_(0, r.topk(n).indices, 1.0)
                 out[k] = m
             return out
 

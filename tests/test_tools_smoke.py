@@ -63,6 +63,14 @@ def test_uniform_mask_rejects_bad_target(digits_ato):
         bench_latency.uniform_mask(digits_ato, 0.0)
 
 
+def test_uniform_mask_rounds_to_multiples(digits_ato):
+    mask, kept = bench_latency.uniform_mask(digits_ato, 0.45, tol=0.05, round_to=8)  # widths 16/32/64: coarse steps
+    for s in digits_ato.zigs.prunable:
+        n = int(mask.bits[s.index].sum())
+        assert n % 8 == 0 or n == s.width
+    assert abs(kept - 0.45) <= 0.05
+
+
 def test_bench_model_rows(monkeypatch):
     monkeypatch.setitem(bench_latency.MODELS, "tiny", (lambda: resnet20(10, 3), (3, 16, 16)))
     rows = bench_latency.bench_model("tiny", (0.5,), (1, 4), repeats=2, warmup=1)

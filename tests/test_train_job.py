@@ -92,3 +92,11 @@ def test_rerunning_the_job_resumes_instead_of_retraining(job_run, monkeypatch):
 def test_unknown_dataset_is_refused(tmp_path):
     with pytest.raises(atofx.AtofxError, match=r"unknown dataset 'mnist'; available: digits"):
         train_job.run(TrainJob(dataset="mnist", out=str(tmp_path), progress=False))
+
+
+@pytest.mark.parametrize("option", [{"round_to": 0}, {"target_flops": 1.5}, {"method": "l1"}])
+def test_bad_ato_options_are_refused_before_any_training(tmp_path, monkeypatch, option):
+    monkeypatch.setattr(train_job, "train_plain", lambda *a, **k: pytest.fail("trained before checking the options"))
+    with pytest.raises(atofx.ConfigError, match=next(iter(option))):
+        train_job.run(TrainJob(out=str(tmp_path), progress=False, **option))
+

@@ -20,6 +20,7 @@ import atofx
 from atofx import checkpoint as ckpt
 from atofx.cifar_models import CifarResNet
 from atofx.datasets import digits
+from atofx.mask import rounded_count
 from atofx.trainer import ATOTrainer, evaluate
 
 EPOCHS = 5
@@ -257,6 +258,25 @@ def test_frozen_mask_meets_the_target_by_raising_the_logit_threshold():
         kept += scores[(m == 1) & ~scores.isnan()].tolist()
         dropped += scores[m == 0].tolist()
     assert dropped and max(dropped) < min(kept)
+
+
+@pytest.mark.parametrize("method", ["ato", "static"])
+def test_round_to_keeps_multiples_per_space_within_the_target(method):
+    ato = fresh(width=2)  # spaces of 32, 64 and 128 channels
+    trainer = ato.start_training(4, 0.5, round_to=16, method=method)
+    trainer.end_epoch(trainer.phases.start if method == "static" else trainer.phases.end - 1)
+    widths = {s.index: s.width for s in ato.zigs.prunable}
+    counts = {k: int(m.sum()) for k, m in trainer.mask.items()}
+    assert all(n % 16 == 0 or n == widths[k] for k, n in counts.items())
+    assert any(n < widths[k] for k, n in counts.items())
+    assert trainer.flops_kept() <= 0.5
+
+
+@pytest.mark.parametrize(("n", "width", "multiple", "expected"), [
+    (1, 64, 16, 16), (23, 64, 16, 16), (24, 64, 16, 16), (25, 64, 16, 32), (60, 64, 16, 64), (70, 72, 16, 72),
+    (66, 72, 16, 64), (5, 12, 16, 5), (5, 64, 1, 5)])
+def test_rounded_count(n, width, multiple, expected):
+    assert rounded_count(n, width, multiple) == expected
 
 
 def test_a_frozen_mask_within_the_target_is_left_alone(data):

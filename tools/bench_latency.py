@@ -52,13 +52,14 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 
 def uniform_mask(ato: atofx.ATOModel, keep_flops: float, seed: int = 0, tol: float = 0.01,
-                 steps: int = 40) -> tuple[Mask, float]:
+                 steps: int = 40, round_to: int = 1) -> tuple[Mask, float]:
     """A mask keeping `keep_flops` of the dense FLOPs (within `tol`, absolute) by the FLOPs model.
 
     Keeps the same random share r of every prunable space (`Mask.random(zigs, r, seed)`: for one
     seed the kept sets are nested as r grows, so the FLOPs are monotone in r) and bisects r.
     Returns the mask and the FLOPs share it keeps; raises ValueError when rounding to whole channels
-    leaves no r within `tol` (a model with very few, very narrow spaces).
+    leaves no r within `tol` (a model with very few, very narrow spaces). With `round_to`, every space keeps
+    a multiple of that many channels (`Mask.random(..., round_to)`), as `ATOConfig(round_to=...)` does.
     """
     if not 0.0 < keep_flops <= 1.0:
         raise ValueError(f"keep_flops must be in (0, 1], got {keep_flops}.")
@@ -67,7 +68,7 @@ def uniform_mask(ato: atofx.ATOModel, keep_flops: float, seed: int = 0, tol: flo
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         r = (lo + hi) / 2
-        mask = Mask.random(ato.zigs, r, seed)
+        mask = Mask.random(ato.zigs, r, seed, round_to)
         share = ato.flops(mask) / total
         if best is None or abs(share - keep_flops) < best[0]:
             best = (abs(share - keep_flops), mask, share)
@@ -90,7 +91,8 @@ def _latency(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...], repeats: int,
-                warmup: int, seed: int = 0, formats: tuple[str, ...] = tuple(MEMORY_FORMATS)) -> list[dict]:
+                warmup: int, seed: int = 0, formats: tuple[str, ...] = tuple(MEMORY_FORMATS),
+                round_to: int = 1) -> list[dict]:
     """Rows (model, memory_format, batch, pruned_flops, flops_speedup, latency_speedup, ...) for one model."""
     factory, shape = MODELS[name]
     torch.manual_seed(seed)
@@ -99,7 +101,8 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
     total = ato.flops()
     pruned: list[tuple[float, float, nn.Module]] = []
     for t in targets:
-        mask, kept = uniform_mask(ato, 1.0 - t, seed)
+        # whole multiples of round_to move the FLOPs in steps: accept the nearest share within 5 points
+        mask, kept = uniform_mask(ato, 1.0 - t, seed, tol=0.01 if round_to == 1 else 0.05, round_to=round_to)
         pruned.append((t, kept, ato.prune(mask).eval()))
     rows = []
     with torch.no_grad():
@@ -116,7 +119,8 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
                     times[i].append(_latency(m, x))
             med = [statistics.median(t) for t in times]
             for (t, kept, _), m_s, runs in zip(pruned, med[1:], times[1:], strict=True):
-                rows.append({"model": name, "memory_format": fmt, "batch": batch, "pruned_flops": 1.0 - kept,
+                rows.append({"model": name, "memory_format": fmt, "round_to": round_to, "batch": batch,
+                             "pruned_flops": 1.0 - kept,
                              "target_pruned_flops": t,
                              "dense_mflops": total / 1e6, "flops_speedup": 1.0 / kept,
                              "dense_ms": 1e3 * med[0], "pruned_ms": 1e3 * m_s, "latency_speedup": med[0] / m_s,
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model and batch (default 11, quick 5)")
     parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS),
                         help="layouts to time dense and pruned in (default: both)")
+    parser.add_argument("--round-to", type=int, default=1, metavar="N",
+                        help="keep a multiple of N channels per space, as ATOConfig(round_to=N) does (default: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
@@ -156,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[dict] = []
     for name in names:
-        rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed, tuple(args.memory_formats))
+        rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed, tuple(args.memory_formats),
+                            args.round_to)
         gc.collect()
     load_after = os.getloadavg()
     print(format_table(["model", "layout", "batch", "FLOPs pruned", "dense ms", "pruned ms", "FLOPs speedup",
