@@ -489,9 +489,9 @@ def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader
     gen = torch.Generator().manual_seed(seed + 1)
     subset = Subset(dataset, torch.randperm(n, generator=gen)[:size].tolist())
     if distributed.current().parallel:
-        return DataLoader(subset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
+        return DataLoader(subset, batch_size=batch, collate_fn=loader.collate_fn,
                           sampler=distributed.training_sampler(subset, seed + 2))
-    return DataLoader(subset, batch_size=loader.batch_size or 1, shuffle=True,
+    return DataLoader(subset, batch_size=batch, shuffle=True,
                       collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed + 2))
 
 

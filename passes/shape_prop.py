@@ -97,6 +97,19 @@ def _hooked(m: nn.Module) -> bool:
     )
 
 
+def _layout_is_certain(m: nn.Module, x: torch.Tensor) -> bool:
+    """The layer would output a fresh row-major tensor of x's dtype: a non-empty input matching its weight's dtype
+    and device, both row-major, and no hook that could change what it returns."""
+    return bool(
+        x.numel()
+        and x.dtype == m.weight.dtype
+        and x.device == m.weight.device
+        and _row_major(x)
+        and _row_major(m.weight)
+        and not _hooked(m)
+    )
+
+
 class ShapeProp(fx.Interpreter):
     """Record each node's `tensor_meta` and `type` on real inputs, as fx's ShapeProp does.
 
@@ -118,17 +131,8 @@ class ShapeProp(fx.Interpreter):
             m = self.fetch_attr(target)
         if self.shape_only and not torch.is_grad_enabled():
             shape = _output_shape(m, args, kwargs)
-            x = args[0] if shape is not None else None
-            if (
-                x is not None
-                and x.numel()
-                and x.dtype == m.weight.dtype
-                and x.device == m.weight.device
-                and _row_major(x)
-                and _row_major(m.weight)
-                and not _hooked(m)
-            ):
-                return torch.zeros(shape, dtype=x.dtype, device=x.device)
+            if shape is not None and _layout_is_certain(m, args[0]):
+                return torch.zeros(shape, dtype=args[0].dtype, device=args[0].device)
         return m(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:

@@ -106,10 +106,12 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
         pruned.append((t, kept, ato.prune(mask).eval()))
     rows = []
     with torch.no_grad():
+        originals = [dense] + [m for _, _, m in pruned]
+        copies = {f: [copy.deepcopy(m).to(memory_format=MEMORY_FORMATS[f]) for m in originals] for f in formats}
         for fmt, batch in ((f, b) for f in formats for b in batches):
-            layout = MEMORY_FORMATS[fmt]
-            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed)).to(memory_format=layout)
-            models = [copy.deepcopy(m).to(memory_format=layout) for m in [dense] + [m for _, _, m in pruned]]
+            x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+            x = x.to(memory_format=MEMORY_FORMATS[fmt])
+            models = copies[fmt]
             for _ in range(warmup):
                 for m in models:
                     m(x)

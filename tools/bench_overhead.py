@@ -113,9 +113,10 @@ def main() -> None:
     repeats = args.repeats or (7 if args.quick else 5)
     rows, results = [], {}
     for name, model, loader, shape, factor in _setups(args.quick):
-        r = measure(model, loader, shape, repeats * factor)
-        results[name] = r | {"repeats": repeats * factor}
-        rows.append([name, str(repeats * factor), f"{r['plain_s']:.2f}", f"{r['outside_s']:.2f}", f"{r['inside_s']:.2f}",
+        n = repeats * factor
+        r = measure(model, loader, shape, n)
+        results[name] = r | {"repeats": n}
+        rows.append([name, str(n), f"{r['plain_s']:.2f}", f"{r['outside_s']:.2f}", f"{r['inside_s']:.2f}",
                      f"{r['ratio_outside_window']:.3f}", f"{r['ratio_inside_window']:.3f}"])
     print(format_table(["model / data", "repeats", "plain s", "ATO outside s", "ATO inside s", "ratio outside",
                         "ratio inside"], rows))
