@@ -76,13 +76,12 @@ class Controller(nn.Module):
         With `hard`, the forward value is the binary threshold at 0.5 and the gradient is the soft
         value's (straight-through). The offset makes a fresh controller keep almost every ZIG.
         """
-        masks = {}
-        for k, logits in self.forward().items():
-            noise = _gumbel(logits.shape, logits.device, generator) - _gumbel(logits.shape, logits.device, generator)
-            soft = torch.sigmoid((logits + offset + noise) / tau)
-            # hard + (soft - soft) is exactly binary forward, soft's gradient backward
-            masks[k] = (soft > 0.5).to(soft.dtype) + (soft - soft.detach()) if hard else soft
-        return masks
+        logits = torch.cat(list(self.forward().values()))  # all spaces at once: one draw, one threshold
+        noise = _gumbel(logits.shape, logits.device, generator) - _gumbel(logits.shape, logits.device, generator)
+        soft = torch.sigmoid((logits + offset + noise) / tau)
+        # hard + (soft - soft) is exactly binary forward, soft's gradient backward
+        masks = (soft > 0.5).to(soft.dtype) + (soft - soft.detach()) if hard else soft
+        return dict(zip(self.keys, masks.split(self.widths), strict=True))
 
     @torch.no_grad()
     def mask(self, offset: float = 3.0) -> Masks:

@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 class _Slice:
     """One parameter dim: `zig[i]` is the ZIG id of position i, or `n_zigs` (a dummy slot) if not prunable.
 
-    `other_dims` (the dims summed for a per-position norm) and `zig_along_dim` (`zig` shaped to broadcast
-    along `dim`) are fixed, so the hot loop makes as few calls per slice as it can.
+    `other_dims` are the dims a per-position norm runs over; `along_dim` shapes one value per position to
+    broadcast along `dim`.
     """
 
     name: str
@@ -48,7 +48,7 @@ class _Slice:
     dim: int
     zig: Tensor
     other_dims: tuple[int, ...]
-    zig_along_dim: Tensor
+    along_dim: tuple[int, ...]
 
 
 class ZIGParams:
@@ -56,14 +56,19 @@ class ZIGParams:
 
     `params` maps "module.name" ("name" for the root module) to tensors, as `named_parameters()`
     gives; slices of tensors not in `params` (buffers) are skipped. Build it after moving the model
-    to its device: index tensors are created on each parameter's device.
+    to its device: index tensors are created on the accumulation device.
+
+    The projection runs after every optimiser step, so its cost is a count of small kernel calls: the
+    1-D tensors (biases, norm affines) are concatenated and squared as one, every position's squared norm
+    lands in its ZIG with one scatter, and the factors come back with one gather; each slice then costs
+    one norm and one multiply.
     """
 
     def __init__(self, zigs: ZIGSet, params: Mapping[str, Tensor]):
         self.zigs = zigs
         self.n_zigs = len(zigs.comp_space)
         prunable = ~np.array([s.pinned for s in zigs.spaces], dtype=bool)[zigs.comp_space]
-        self._slices: list[_Slice] = []
+        found: list[tuple[str, Tensor, int, np.ndarray]] = []
         seen: set[tuple[str, int, bytes]] = set()
         for s in zigs.slices:
             name = f"{s.module}.{s.name}" if s.module else s.name
@@ -78,14 +83,30 @@ class ZIGParams:
             if (zig == self.n_zigs).all() or key in seen:
                 continue
             seen.add(key)
-            index = torch.as_tensor(zig, dtype=torch.long, device=p.device)
-            shape = tuple(-1 if d == s.dim else 1 for d in range(p.ndim))
-            self._slices.append(_Slice(name, p, s.dim, index, tuple(d for d in range(p.ndim) if d != s.dim),
-                                       index.view(shape)))
-        dtypes = {e.param.dtype for e in self._slices}
+            found.append((name, p, s.dim, zig))
+        dtypes = {p.dtype for _, p, _, _ in found}
         self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        # one device and the accumulation dtype everywhere (the usual case): no conversion per slice
-        self._uniform = dtypes <= {self._dtype} and len({e.param.device for e in self._slices}) <= 1
+        self._device = found[0][1].device if found else torch.device("cpu")
+        slices = [_Slice(name, p, dim, torch.as_tensor(zig, dtype=torch.long, device=self._device),
+                         tuple(d for d in range(p.ndim) if d != dim),
+                         tuple(-1 if d == dim else 1 for d in range(p.ndim)))
+                  for name, p, dim, zig in found]
+        # 1-D tensors first: their concatenation is the first block of every per-position vector
+        self._vectors = [e for e in slices if e.param.ndim == 1]
+        self._blocks = [e for e in slices if e.param.ndim > 1]
+        self._slices = self._vectors + self._blocks
+        self._zig = torch.cat([e.zig for e in self._slices]) if slices else torch.zeros(0, dtype=torch.long)
+        self._names = list(dict.fromkeys(e.name for e in slices))
+        # per-position buffers, written in place each step; the views into them are made once
+        self._norms = torch.zeros(len(self._zig), dtype=self._dtype, device=self._device)
+        self._factors = torch.ones_like(self._norms)
+        ends = np.cumsum([len(e.zig) for e in self._slices]).tolist()
+        starts = [0] + ends[:-1]
+        n_vectors = len(self._vectors)
+        self._vector_norms = self._norms[: sum(len(e.zig) for e in self._vectors)]
+        self._block_norms = [self._norms[a:b] for a, b in zip(starts[n_vectors:], ends[n_vectors:], strict=True)]
+        self._scales = [(e.param, self._factors[a:b].view(e.along_dim), e.param.device != self._device)
+                        for e, a, b in zip(self._slices, starts, ends, strict=True)]
 
     @classmethod
     def of(cls, ato: ATOModel) -> ZIGParams:
@@ -95,15 +116,12 @@ class ZIGParams:
     @property
     def names(self) -> list[str]:
         """Indexed parameter names, once each."""
-        return list(dict.fromkeys(e.name for e in self._slices))
-
-    def _device(self) -> torch.device:
-        return self._slices[0].param.device if self._slices else torch.device("cpu")
+        return list(self._names)
 
     # ------------------------------------------------------------------ per-ZIG vectors
     def keep_vector(self, masks: Mapping[int, Tensor]) -> Tensor:
         """One float per ZIG id from one mask per space index (controller output); 1 for absent spaces."""
-        vec = torch.ones(self.n_zigs, dtype=self._dtype, device=self._device())
+        vec = torch.ones(self.n_zigs, dtype=self._dtype, device=self._device)
         for index, bits in masks.items():
             comps = self.zigs.spaces[index].components
             if bits.shape != (len(comps),):
@@ -115,16 +133,20 @@ class ZIGParams:
         """lambda_g = lam * (1 - w_g) per ZIG id: only ZIGs the controller drops are penalised."""
         return lam * (1.0 - self.keep_vector(masks))
 
+    @torch.no_grad()
     def group_norms(self) -> Tensor:
         """L2 norm per ZIG id over all its entries in all its tensors (0 for pinned ZIGs)."""
-        sq = torch.zeros(self.n_zigs + 1, dtype=self._dtype, device=self._device())
-        for e in self._slices:
-            x = e.param.detach()
-            if not self._uniform:
-                x = x.to(sq.device, self._dtype)
-            x = x.square().sum(dim=e.other_dims) if e.other_dims else x.square()
-            sq.index_add_(0, e.zig if self._uniform else e.zig.to(sq.device), x)
+        if self._vectors:
+            torch.cat([self._accumulated(e.param) for e in self._vectors], out=self._vector_norms)
+        for e, out in zip(self._blocks, self._block_norms, strict=True):
+            torch.linalg.vector_norm(self._accumulated(e.param), dim=e.other_dims, out=out)
+        sq = torch.zeros(self.n_zigs + 1, dtype=self._dtype, device=self._device)
+        sq.index_add_(0, self._zig, self._norms.square())
         return sq[:-1].sqrt()
+
+    def _accumulated(self, x: Tensor) -> Tensor:
+        """`x` in the accumulation dtype and device (itself, without a copy, in the usual case)."""
+        return x.to(self._device, self._dtype)
 
     def step_size(self, optimizer: torch.optim.Optimizer) -> float:
         """The optimiser's current learning rate for the ZIG parameters: the proximal step (module docstring)."""
@@ -140,19 +162,14 @@ class ZIGParams:
         """x_g <- factor_g * x_g for every ZIG id g (factor exactly 1 leaves a group bit-identical)."""
         if factor.shape != (self.n_zigs,):
             raise MaskError(f"expected one factor per ZIG ({self.n_zigs},), got {tuple(factor.shape)}.")
-        full = torch.cat([factor, factor.new_ones(1)])
-        if self._uniform:
-            full = full.to(self._device(), self._dtype)
-            for e in self._slices:
-                e.param.mul_(full[e.zig_along_dim])
-            return
-        for e in self._slices:
-            x = e.param
-            x.mul_(full.to(x.device, x.dtype)[e.zig_along_dim.to(x.device)])
+        full = torch.cat([self._accumulated(factor), factor.new_ones(1, dtype=self._dtype, device=self._device)])
+        torch.index_select(full, 0, self._zig, out=self._factors)
+        for param, f, elsewhere in self._scales:
+            param.mul_(f.to(param.device) if elsewhere else f)
 
     def zero_(self, groups: Tensor) -> None:
         """Set the ZIGs where `groups` (one bool per ZIG id, e.g. `keep_vector(masks) == 0`) is True exactly to zero."""
-        self.scale_(torch.where(groups.to(self._device(), torch.bool), 0.0, 1.0).to(self._dtype))
+        self.scale_(torch.where(groups.to(self._device, torch.bool), 0.0, 1.0).to(self._dtype))
 
     def proximal_group_lasso_(self, lam: Tensor, lr: float) -> None:
         """Proximal step of lr * sum_g lam_g ||x_g|| (Eq. 3): x_g *= max(0, 1 - lr * lam_g / ||x_g||).
@@ -180,4 +197,4 @@ class ZIGParams:
         """Checked lambdas (>= 0 is the caller's contract: checking would sync the device every step)."""
         if lam.shape != (self.n_zigs,):
             raise MaskError(f"expected one lambda per ZIG ({self.n_zigs},), got {tuple(lam.shape)}.")
-        return lam.detach().to(self._device(), self._dtype)
+        return lam.detach().to(self._device, self._dtype)

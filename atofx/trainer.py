@@ -276,7 +276,10 @@ class ATOTrainer:
         self.params = ZIGParams.of(ato)
         self.flops = ato.flops_model
         self.controller = Controller.from_zigs(zigs, seed=config.seed).to(device)
-        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=config.controller_lr)
+        # the fused kernel where torch has one: the controller has ~35 small tensors, and Adam's loop over them
+        # cost more than their update (ResNet-20: 1.4 ms a step, fused 0.3 ms)
+        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=config.controller_lr,
+                                               fused=device.type in ("cpu", "cuda"))
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.mask: Masks = {s.index: torch.ones(s.width, device=device) for s in zigs.prunable}
         self.state = TrainState()

@@ -203,3 +203,29 @@ def _write(path, payload):
     path.write_text(json.dumps(payload))
     return path
 
+
+
+def _logging_epoch(log: list, name: str, stop_after: int | None = None, fail_at: int | None = None):
+    def epoch(data) -> None:
+        for n, batch in enumerate(data):
+            if n == fail_at:
+                raise RuntimeError(f"{name} failed")
+            log.append((name, batch))
+            if n + 1 == stop_after:
+                break
+    return epoch
+
+
+def test_lockstep_takes_turns_one_batch_at_a_time():
+    log: list = []
+    elapsed = bench_overhead.Lockstep(3, first=1).run([_logging_epoch(log, k) for k in "abc"], [0, 1, 2])
+    assert log == [(k, b) for b in (0, 1, 2) for k in "bca"]
+    assert len(elapsed) == 3 and all(t > 0 for t in elapsed)
+
+
+def test_lockstep_goes_on_past_an_early_finish_and_reraises_a_failure():
+    log: list = []
+    epochs = [_logging_epoch(log, "a", stop_after=1), _logging_epoch(log, "b", fail_at=2), _logging_epoch(log, "c")]
+    with pytest.raises(RuntimeError, match="b failed"):
+        bench_overhead.Lockstep(3).run(epochs, [0, 1, 2, 3])
+    assert log == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("c", 2), ("c", 3)]

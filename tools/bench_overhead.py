@@ -2,11 +2,12 @@
 
 Three kinds of epoch are timed in one process, interleaved, several repeats: plain (optimizer
 steps only), ATO outside the controller window (steps + group projection on a half-dropped mask)
-and ATO inside the window (the same plus the controller's pass over D_CN). Each repeat runs the
-three once, in an order that rotates from repeat to repeat, and gives its own ratios to plain;
-the ratios reported are the medians of these paired ratios, so that the machine's slow drifts
-(which on a shared VM move whole epochs by 5-30%) cancel within a repeat; the digits model, whose
-epochs are short, gets five times the repeats. Prints a table;
+and ATO inside the window (the same plus the controller's pass over D_CN). Within a repeat the
+three epochs run side by side, taking turns one batch at a time (`Lockstep`), and each epoch's
+time is the sum of its own turns: the machine's drifts (which on a shared VM move whole epochs by
+5-30%) then fall on all three alike, where epochs run one after the other would each meet
+different ones. Each repeat gives its own ratios to plain; the ratios reported are their medians;
+the digits model, whose epochs are short, gets five times the repeats. Prints a table;
 `--json PATH` writes `ratio_inside_window` and `ratio_outside_window` per model.
 
     python tools/bench_overhead.py            # full: CIFAR ResNet-56 on 32x32 tensors, digits ResNet-20
@@ -19,8 +20,11 @@ import argparse
 import copy
 import json
 import statistics
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import bench_plots
 import torch
@@ -52,10 +56,74 @@ def _setups(quick: bool) -> list[tuple[str, nn.Module, DataLoader, tuple[int, ..
     ]
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+class Lockstep:
+    """Runs epoch functions in threads that take turns one batch at a time, and times each one's turns.
+
+    Each function gets its own pass over the same data: after each batch's step it hands the turn to the
+    next unfinished function and waits for its own next turn. Only the holder of the turn runs, so the
+    kinds never compete for the cores; the hand-over itself is outside every clock.
+    """
+
+    def __init__(self, n: int, first: int = 0):
+        self._turn, self._n = first, n
+        self._done = [False] * n
+        self._changed = threading.Condition()
+        self._started = [0.0] * n
+        self.elapsed = [0.0] * n
+
+    def _wait(self, i: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._turn == i)
+        self._started[i] = time.perf_counter()
+
+    def _hand_over(self, i: int, finished: bool = False) -> None:
+        self.elapsed[i] += time.perf_counter() - self._started[i]
+        with self._changed:
+            self._done[i] = finished
+            waiting = [j % self._n for j in range(i + 1, i + 1 + self._n) if not self._done[j % self._n]]
+            if waiting:
+                self._turn = waiting[0]
+                self._changed.notify_all()
+
+    def _taking_turns(self, i: int, data: Iterable) -> Iterable:
+        """`data` for function i, handing the turn over after each batch."""
+        lockstep = self
+
+        class TakingTurns:
+            batch_size = getattr(data, "batch_size", None)
+
+            def __len__(self) -> int:
+                return len(data)  # type: ignore[arg-type]
+
+            def __iter__(self) -> Iterator[Any]:
+                for batch in data:
+                    yield batch
+                    lockstep._hand_over(i)
+                    lockstep._wait(i)
+
+        return TakingTurns()
+
+    def run(self, epochs: list[Callable[[Iterable], None]], data: Iterable) -> list[float]:
+        """Run each function on its pass over `data` to its end; seconds each one held the turn."""
+        errors: list[BaseException] = []
+
+        def body(i: int) -> None:
+            self._wait(i)
+            try:
+                epochs[i](self._taking_turns(i, data))
+            except BaseException as exc:  # re-raised in the caller's thread below
+                errors.append(exc)
+            finally:
+                self._hand_over(i, finished=True)
+
+        threads = [threading.Thread(target=body, args=(i,)) for i in range(self._n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return self.elapsed
 
 
 def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
@@ -71,28 +139,27 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
     cn = controller_subset(loader, 0.05, 0)
     loss = nn.functional.cross_entropy
 
-    def plain() -> None:
-        train_epoch(plain_model, loader, plain_opt, loss, torch.device("cpu"))
+    def plain(data: Iterable) -> None:
+        train_epoch(plain_model, data, plain_opt, loss, torch.device("cpu"))
 
-    def outside() -> None:
+    def outside(data: Iterable) -> None:
         trainer.state.epoch, trainer.state.frozen = trainer.phases.end, True
-        train_one_epoch(trainer, loader, opt, loss)
+        train_one_epoch(trainer, data, opt, loss)
 
-    def inside() -> None:
+    def inside(data: Iterable) -> None:
         trainer.state.epoch, trainer.state.frozen = trainer.phases.start + 1, False
         mask = dict(trainer.mask)
-        train_one_epoch(trainer, loader, opt, loss)
+        train_one_epoch(trainer, data, opt, loss)
         controller_epoch(trainer, cn, loss)
         trainer.mask = mask  # keep the projected set fixed across repeats
 
     kinds = {"plain": plain, "outside": outside, "inside": inside}
-    for fn in kinds.values():  # warm-up
-        fn()
     times: dict[str, list[float]] = {k: [] for k in kinds}
-    order = list(kinds)
-    for r in range(repeats):
-        for k in order[r % 3:] + order[: r % 3]:
-            times[k].append(_timed(kinds[k]))
+    for r in range(repeats + 1):  # the first round warms up
+        elapsed = Lockstep(len(kinds), first=r % len(kinds)).run(list(kinds.values()), loader)
+        if r:
+            for k, t in zip(kinds, elapsed, strict=True):
+                times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"], strict=True))
               for k in ("outside", "inside")}
@@ -120,7 +187,8 @@ def main() -> None:
                      f"{r['ratio_outside_window']:.3f}", f"{r['ratio_inside_window']:.3f}"])
     print(format_table(["model / data", "repeats", "plain s", "ATO outside s", "ATO inside s", "ratio outside",
                         "ratio inside"], rows))
-    print(f"times: medians of the interleaved repeats; ratios: medians of the paired per-repeat ratios; "
+    print(f"times: medians of the repeats, each running the three epochs in turns of one batch; ratios: medians "
+          f"of the per-repeat ratios; "
           f"torch threads {args.threads}")
     payload = {"models": results, "repeats": repeats, "threads": args.threads,
                "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
