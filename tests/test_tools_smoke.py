@@ -204,6 +204,16 @@ def _write(path, payload):
     return path
 
 
+def test_latency_plot_draws_one_line_per_layout_and_rounding(tmp_path, monkeypatch):
+    figures = []
+    real = bench_plots._figure
+    monkeypatch.setattr(bench_plots, "_figure", lambda w, h: figures.append(real(w, h)) or figures[-1])
+    rows = [{"model": "m", "memory_format": fmt, "round_to": n, "batch": 32, "pruned_flops": 0.5,
+             "flops_speedup": 2.0, "latency_speedup": 1.7} for n in (1, 16) for fmt in ("contiguous", "channels_last")]
+    bench_plots.plot_latency({"rows": rows}, tmp_path / "l.png")
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines()][2:]  # after the two guide lines
+    assert labels == ["m, contiguous", "m, channels_last", "m, contiguous, round to 16", "m, channels_last, round to 16"]
+
 
 def _logging_epoch(log: list, name: str, stop_after: int | None = None, fail_at: int | None = None):
     def epoch(data) -> None:

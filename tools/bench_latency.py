@@ -121,11 +121,14 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
                     times[i].append(_latency(m, x))
             med = [statistics.median(t) for t in times]
             for (t, kept, _), m_s, runs in zip(pruned, med[1:], times[1:], strict=True):
+                # each round's dense time over the same round's pruned time: a slow stretch of the machine
+                # falls on both
+                paired = statistics.median(d / p for d, p in zip(times[0], runs, strict=True))
                 rows.append({"model": name, "memory_format": fmt, "round_to": round_to, "batch": batch,
                              "pruned_flops": 1.0 - kept,
                              "target_pruned_flops": t,
                              "dense_mflops": total / 1e6, "flops_speedup": 1.0 / kept,
-                             "dense_ms": 1e3 * med[0], "pruned_ms": 1e3 * m_s, "latency_speedup": med[0] / m_s,
+                             "dense_ms": 1e3 * med[0], "pruned_ms": 1e3 * m_s, "latency_speedup": paired,
                              "dense_runs_s": times[0], "pruned_runs_s": runs})
             print(f"  {name} {fmt} batch {batch}: dense {1e3 * med[0]:.1f} ms, pruned "
                   + ", ".join(f"{1e3 * m:.1f}" for m in med[1:]) + " ms", file=sys.stderr, flush=True)
@@ -134,7 +137,8 @@ def bench_model(name: str, targets: tuple[float, ...], batches: tuple[int, ...],
 
 def _cells(r: dict) -> list[str]:
     ratio = r["latency_speedup"] / r["flops_speedup"]
-    return [r["model"], r["memory_format"], str(r["batch"]), f"{100 * r['pruned_flops']:.1f}%", f"{r['dense_ms']:.1f}",
+    return [r["model"], r["memory_format"], str(r["round_to"]), str(r["batch"]), f"{100 * r['pruned_flops']:.1f}%",
+            f"{r['dense_ms']:.1f}",
             f"{r['pruned_ms']:.1f}",
             f"{r['flops_speedup']:.2f}x", f"{r['latency_speedup']:.2f}x", f"{ratio:.2f}"]
 
@@ -147,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per model and batch (default 11, quick 5)")
     parser.add_argument("--memory-formats", nargs="+", choices=list(MEMORY_FORMATS), default=list(MEMORY_FORMATS),
                         help="layouts to time dense and pruned in (default: both)")
-    parser.add_argument("--round-to", type=int, default=1, metavar="N",
-                        help="keep a multiple of N channels per space, as ATOConfig(round_to=N) does (default: 1)")
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1], metavar="N",
+                        help="keep a multiple of N channels per space, as ATOConfig(round_to=N) does; several values "
+                             "give a set of rows each (default: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
@@ -164,13 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[dict] = []
     for name in names:
-        rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed, tuple(args.memory_formats),
-                            args.round_to)
-        gc.collect()
+        for round_to in args.round_to:
+            rows += bench_model(name, targets, BATCHES, repeats, warmup, args.seed, tuple(args.memory_formats),
+                                round_to)
+            gc.collect()
     load_after = os.getloadavg()
-    print(format_table(["model", "layout", "batch", "FLOPs pruned", "dense ms", "pruned ms", "FLOPs speedup",
+    print(format_table(["model", "layout", "round to", "batch", "FLOPs pruned", "dense ms", "pruned ms", "FLOPs speedup",
                         "latency speedup", "latency/FLOPs"], [_cells(r) for r in rows]))
-    print(f"median of {repeats} interleaved runs after {warmup} warm-up runs; torch {torch.__version__}, "
+    print(f"times: median of {repeats} interleaved runs after {warmup} warm-up runs; latency speedup: median of the "
+          f"per-run dense/pruned ratios; torch {torch.__version__}, "
           f"{args.threads} threads, {os.cpu_count()} CPU cores; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

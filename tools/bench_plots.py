@@ -54,8 +54,13 @@ def plot_accuracy(payload: dict, out: Path) -> Path:
     return out
 
 
+def _latency_series(row: dict) -> tuple[str, str, int]:
+    """One line per model, memory format and channel rounding (older runs lack the last two)."""
+    return row["model"], row.get("memory_format", "contiguous"), row.get("round_to", 1)
+
+
 def plot_latency(payload: dict, out: Path) -> Path:
-    """Latency speedup against FLOPs speedup, one panel per batch size, one line per model and memory format."""
+    """Latency speedup against FLOPs speedup, one panel per batch size, one line per `_latency_series`."""
     rows = payload["rows"]
     batches = sorted({r["batch"] for r in rows})
     fig = _figure(5.0 * len(batches), 4.2)
@@ -65,12 +70,14 @@ def plot_latency(payload: dict, out: Path) -> Path:
         ax.plot([1, top], [1, top], color="grey", linewidth=0.8, label="latency = FLOPs speedup")
         ax.plot([1, top], [LATENCY_GOAL, LATENCY_GOAL * top], color="grey", linestyle=":", linewidth=0.8,
                 label=f"{LATENCY_GOAL} x FLOPs speedup")
-        series = dict.fromkeys((r["model"], r.get("memory_format", "contiguous")) for r in rows if r["batch"] == batch)
-        for model, layout in series:
-            mine = sorted((r for r in rows if (r["model"], r.get("memory_format", "contiguous"), r["batch"])
-                           == (model, layout, batch)), key=lambda r: r["flops_speedup"])
+        series = dict.fromkeys(_latency_series(r) for r in rows if r["batch"] == batch)
+        for model, layout, round_to in series:
+            mine = sorted((r for r in rows if r["batch"] == batch and _latency_series(r) == (model, layout, round_to)),
+                          key=lambda r: r["flops_speedup"])
+            rounded = f", round to {round_to}" if round_to > 1 else ""
             ax.plot([1.0] + [r["flops_speedup"] for r in mine], [1.0] + [r["latency_speedup"] for r in mine],
-                    marker="o", linestyle="-" if layout == "contiguous" else "--", label=f"{model}, {layout}")
+                    marker="o" if round_to == 1 else "s", linestyle="-" if layout == "contiguous" else "--",
+                    label=f"{model}, {layout}{rounded}")
         ax.set_xlabel("FLOPs speedup (dense / pruned)")
         ax.set_ylabel("latency speedup (dense / pruned)")
         ax.set_title(f"batch {batch}", fontsize=10)
