@@ -60,7 +60,8 @@ def _latency_series(row: dict) -> tuple[str, str, int]:
 
 
 def plot_latency(payload: dict, out: Path) -> Path:
-    """Latency speedup against FLOPs speedup, one panel per batch size, one line per `_latency_series`."""
+    """Latency speedup against FLOPs speedup, one panel per batch size, one line per `_latency_series`: a colour per
+    model, a line style per memory format, a marker (and shade) per rounding."""
     rows = payload["rows"]
     batches = sorted({r["batch"] for r in rows})
     fig = _figure(5.0 * len(batches), 4.2)
@@ -71,13 +72,14 @@ def plot_latency(payload: dict, out: Path) -> Path:
         ax.plot([1, top], [LATENCY_GOAL, LATENCY_GOAL * top], color="grey", linestyle=":", linewidth=0.8,
                 label=f"{LATENCY_GOAL} x FLOPs speedup")
         series = dict.fromkeys(_latency_series(r) for r in rows if r["batch"] == batch)
+        colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(m for m, _, _ in series))}  # one per model
         for model, layout, round_to in series:
             mine = sorted((r for r in rows if r["batch"] == batch and _latency_series(r) == (model, layout, round_to)),
                           key=lambda r: r["flops_speedup"])
             rounded = f", round to {round_to}" if round_to > 1 else ""
             ax.plot([1.0] + [r["flops_speedup"] for r in mine], [1.0] + [r["latency_speedup"] for r in mine],
                     marker="o" if round_to == 1 else "s", linestyle="-" if layout == "contiguous" else "--",
-                    label=f"{model}, {layout}{rounded}")
+                    color=colours[model], alpha=1.0 if round_to == 1 else 0.6, label=f"{model}, {layout}{rounded}")
         ax.set_xlabel("FLOPs speedup (dense / pruned)")
         ax.set_ylabel("latency speedup (dense / pruned)")
         ax.set_title(f"batch {batch}", fontsize=10)
