@@ -624,6 +624,7 @@ def fit(
         if trainer.config.method == "ato" else None
     # the loaders' own generators decide the batch order: saved and restored so a resumed run is the same run
     generators = loader_generators(train_loader) + (loader_generators(cn_loader) if cn_loader is not None else [])
+    scaler = precision.scaler(device)  # one for the run: its loss scale carries over from epoch to epoch
     if checkpoint_dir is not None:
         saved, note = ckpt.read_latest(checkpoint_dir)
         if note:
@@ -631,6 +632,8 @@ def fit(
         if saved is not None:
             ckpt.check_compatible(saved, fingerprint, checkpoint_dir)
             trainer.load_state_dict(saved, optimizer, scheduler)
+            if scaler is not None and saved.get("grad_scaler"):
+                scaler.load_state_dict(saved["grad_scaler"])  # a fresh scale would re-learn its backoffs
             loader_rng = saved.get("loader_rng", [])
             if len(loader_rng) == len(generators):
                 for g, state in zip(generators, loader_rng, strict=True):
@@ -639,7 +642,6 @@ def fit(
                 log_path.write_text("".join(json.dumps(r) + "\n" for r in trainer.state.history))
     model = trainer.model
     precision.prepare_model(model)
-    scaler = precision.scaler(device)  # one for the run: its loss scale carries over from epoch to epoch
     stepping = distributed.wrap(model, device)
     for epoch in range(trainer.state.epoch, ph.epochs):
         started = time.perf_counter()
@@ -689,7 +691,8 @@ def fit(
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
             ckpt.write(checkpoint_dir, payload | {"fingerprint": fingerprint,
-                                                  "loader_rng": [g.get_state() for g in generators]})
+                                                  "loader_rng": [g.get_state() for g in generators],
+                                                  "grad_scaler": scaler.state_dict() if scaler is not None else None})
     return trainer.state.history
 
 

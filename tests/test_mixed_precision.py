@@ -67,3 +67,36 @@ def test_bf16_changes_the_arithmetic(data):
     bf16, _ = trained(data, amp="bf16")
     a, b = plain.model.state_dict(), bf16.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_an_fp16_run_resumes_with_its_loss_scale(data, tmp_path, monkeypatch):
+    scalers: list[torch.amp.GradScaler] = []
+    make_scaler = StepPrecision.scaler
+    monkeypatch.setattr(StepPrecision, "scaler", lambda self, device: scalers.append(make_scaler(self, device))
+                        or scalers[-1])
+    write = atofx.trainer.ckpt.write
+
+    def write_then_stop(folder, payload):
+        write(folder, payload)
+        if payload["epoch"] == 2:
+            raise _Stopped
+
+    def run() -> None:
+        torch.manual_seed(0)
+        ato = atofx.compile(CifarResNet(8, 10, 1, 1), EXAMPLE)
+        ato.train(data[0], 3, target_flops=0.6, progress=False, amp="fp16", checkpoint_dir=tmp_path, **FAST)
+
+    monkeypatch.setattr(atofx.trainer.ckpt, "write", write_then_stop)
+    with pytest.raises(_Stopped):
+        run()
+    saved, _ = atofx.trainer.ckpt.read_latest(tmp_path)
+    assert saved["grad_scaler"] == scalers[0].state_dict()
+    # a scale no fresh scaler starts from (65536, halved at most once a step), then the last epoch's 4 steps
+    write(tmp_path, saved | {"grad_scaler": saved["grad_scaler"] | {"scale": 1024.0}})
+    monkeypatch.setattr(atofx.trainer.ckpt, "write", write)
+    run()
+    assert len(scalers) == 2 and scalers[1].get_scale() <= 1024.0
