@@ -13,6 +13,7 @@ the CPU: oneDNN then needs no blocked copy padded to 8 or 16 channels, which pru
 
     python tools/bench_latency.py --quick --json bench-latency.json   # ResNet-50 at 50% pruned, batch 1 and 32
     python tools/bench_latency.py                                     # ResNet-50, MobileNetV2, CIFAR ResNet-56
+    python tools/bench_latency.py --round-to 1 16                     # each row also with widths rounded to 16
 """
 
 from __future__ import annotations
