@@ -39,13 +39,12 @@ if TYPE_CHECKING:
 class _Slice:
     """One parameter dim: `zig[i]` is the ZIG id of position i, or `n_zigs` (a dummy slot) if not prunable.
 
-    `other_dims` are the dims a per-position norm runs over; `along_dim` shapes one value per position to
-    broadcast along `dim`.
+    `other_dims` are the dims a per-position norm runs over (all but the slice's dim); `along_dim` shapes one
+    value per position to broadcast along the slice's dim.
     """
 
     name: str
     param: Tensor
-    dim: int
     zig: Tensor
     other_dims: tuple[int, ...]
     along_dim: tuple[int, ...]
@@ -87,7 +86,7 @@ class ZIGParams:
         dtypes = {p.dtype for _, p, _, _ in found}
         self._dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self._device = found[0][1].device if found else torch.device("cpu")
-        slices = [_Slice(name, p, dim, torch.as_tensor(zig, dtype=torch.long, device=self._device),
+        slices = [_Slice(name, p, torch.as_tensor(zig, dtype=torch.long, device=self._device),
                          tuple(d for d in range(p.ndim) if d != dim),
                          tuple(-1 if d == dim else 1 for d in range(p.ndim)))
                   for name, p, dim, zig in found]

@@ -90,8 +90,6 @@ class Lockstep:
         lockstep = self
 
         class TakingTurns:
-            batch_size = getattr(data, "batch_size", None)
-
             def __len__(self) -> int:
                 return len(data)  # type: ignore[arg-type]
 
