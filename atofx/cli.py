@@ -143,8 +143,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=f"a CIFAR model ({', '.join(CIFAR_MODELS)}), a torchvision name or "
                    f"package.module:factory (default: {d.model})")
     p.add_argument("--dataset", choices=DATASETS, help=f"(default: {d.dataset})")
-    p.add_argument("--data-dir", metavar="DIR", help="where the dataset lives (unused for digits); folder and "
-                   "imagenet: DIR/train and DIR/val hold one subfolder per class")
+    p.add_argument("--data-dir", metavar="DIR", help="where the dataset lives (unused for digits; fashion-mnist: "
+                   "default /usr/share/datasets/fashion-mnist, from `apt-get install dataset-fashion-mnist`); folder "
+                   "and imagenet: DIR/train and DIR/val hold one subfolder per class")
     p.add_argument("--download", action="store_true", help="cifar10/cifar100: download into --data-dir first")
     p.add_argument("--num-workers", type=int, metavar="N",
                    help="data loading processes (default: min(4, CPU count); digits loads in-process)")

@@ -1,9 +1,11 @@
-"""Data recipes: `digits` (scikit-learn's bundled 8x8 digits, no download) and the paper's datasets
-through torchvision: `cifar10`, `cifar100`, `imagenet` and `folder` (any ImageFolder tree with
-`train/` and `val/`)."""
+"""Data recipes: `digits` (scikit-learn's bundled 8x8 digits, no download), `fashion-mnist` (the original
+files as Debian's `dataset-fashion-mnist` installs them, read by torchvision's FashionMNIST) and the
+paper's datasets through torchvision: `cifar10`, `cifar100`, `imagenet` and `folder` (any ImageFolder
+tree with `train/` and `val/`)."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +16,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from atofx import distributed
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, DatasetError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "folder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DatasetError(AtofxError):
-    """A dataset is missing, incomplete or could not be downloaded."""
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # over the 60,000 training images
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
 
 
 @dataclass
@@ -71,6 +71,14 @@ def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[A
 
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm]), T.Compose(norm)
+
+
+def fashion_mnist_transforms() -> tuple[Any, Any]:
+    """RandomCrop(28, padding=2) + horizontal flip (a mirrored shirt or shoe is still one); val only normalises."""
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)]
+    return T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), *norm]), T.Compose(norm)
 
 
 def imagenet_transforms(size: int = 224) -> tuple[Any, Any]:
@@ -122,6 +130,75 @@ def cifar(name: str, data_dir: str | os.PathLike | None, download: bool = False)
     return ImageData(train, val, classes, 3, 32)
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (the MNIST family's format), gzip-compressed or plain, as a uint8 tensor of its dims."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+            raise ValueError("not an IDX file of unsigned bytes")
+        ndim = raw[3]
+        dims = [int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)]
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(dims)):
+            raise ValueError(f"{data.size} bytes of data for dims {dims}")
+    except (OSError, EOFError, ValueError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"fashion-mnist: {str(path)!r} is damaged ({exc}); reinstall it with `apt-get install "
+                           "--reinstall dataset-fashion-mnist` or point --data-dir at a good copy.") from exc
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DatasetError(
+        f"fashion-mnist: {stem}(.gz) is missing from {str(root)!r}. Install the dataset with "
+        f"`apt-get install dataset-fashion-mnist` (it goes to {FASHION_MNIST_DIR}) or pass --data-dir DIR, "
+        "a folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+        "and t10k-labels-idx1-ubyte.gz.")
+
+
+def fashion_mnist_split(root: Path, train: bool, transform: Any) -> Dataset:
+    """One split of Fashion-MNIST from the four IDX files in `root` (read in place: no copy, no download)."""
+    from torchvision import datasets
+
+    class _Files(datasets.FashionMNIST):
+        """torchvision's FashionMNIST over a plain folder of IDX files, gzip-compressed or not."""
+
+        def __init__(self) -> None:
+            prefix = "train" if train else "t10k"
+            self.files = (_idx_file(root, f"{prefix}-images-idx3-ubyte"), _idx_file(root, f"{prefix}-labels-idx1-ubyte"))
+            super().__init__(str(root), train=train, transform=transform)
+
+        def _check_exists(self) -> bool:
+            return True  # __init__ found both files
+
+        def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:  # a local class: loader workers rebuild it by name
+            return fashion_mnist_split, (root, train, transform)
+
+        def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+            images, labels = (read_idx(f) for f in self.files)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise DatasetError(f"fashion-mnist: {self.files[0].name} and {self.files[1].name} in {str(root)!r} "
+                                   f"do not match (images {tuple(images.shape)}, labels {tuple(labels.shape)}).")
+            return images, labels.long()
+
+    return _Files()
+
+
+def fashion_mnist(data_dir: str | os.PathLike | None = None) -> ImageData:
+    """Fashion-MNIST's 60,000 training and 10,000 test images (28x28 grey, 10 classes); the test set is `val`."""
+    root = FASHION_MNIST_DIR if data_dir is None else Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"fashion-mnist: folder {str(root)!r} does not exist. Install the dataset with "
+            f"`apt-get install dataset-fashion-mnist` (it goes to {FASHION_MNIST_DIR}) or pass --data-dir DIR.")
+    train_tf, val_tf = fashion_mnist_transforms()
+    return ImageData(fashion_mnist_split(root, True, train_tf), fashion_mnist_split(root, False, val_tf), 10, 1, 28)
+
+
 def _image_folder(path: Path, transform: Any, what: str) -> Dataset:
     from torchvision import datasets
 
@@ -171,6 +248,8 @@ def load_images(name: str, data_dir: str | os.PathLike | None, size: int, downlo
         return cifar(name, data_dir, download)
     if download:
         raise DatasetError(f"--download works for cifar10 and cifar100 only; fetch {name} yourself and drop it.")
+    if name == "fashion-mnist":
+        return fashion_mnist(data_dir)
     if name == "imagenet":
         return imagenet(data_dir, size)
     if name == "folder":

@@ -23,6 +23,10 @@ class DataError(AtofxError):
     """A data loader cannot be used for training: empty, or without a length and indexing."""
 
 
+class DatasetError(DataError):
+    """A dataset is missing, incomplete or could not be downloaded."""
+
+
 class NoPrunableSpaceError(AtofxError):
     """The analysis found no channel space that can be pruned."""
 

@@ -21,8 +21,9 @@ def default_optimizer(model: nn.Module, epochs: int, lr: float = 0.1) -> tuple[t
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable[[Any, Tensor], Tensor], device: torch.device,
-                after_step: Callable[[], None] | None = None) -> float:
-    """One epoch of plain training; returns the mean loss."""
+                after_step: Callable[[], None] | None = None, before_step: Callable[[], None] | None = None) -> float:
+    """One epoch of plain training; returns the mean loss. `before_step` runs between backward and the optimiser
+    step (a regulariser that edits gradients), `after_step` after the step (a projection)."""
     model.train()
     total, seen = torch.zeros((), device=device), 0
     for batch in loader:
@@ -30,6 +31,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         loss = loss_fn(model(*inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         if after_step is not None:
             after_step()
@@ -40,8 +43,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 def train_plain(model: nn.Module, loader: Iterable, epochs: int, device: torch.device, seed: int = 0,
                 loss_fn: Callable[[Any, Tensor], Tensor] = nn.functional.cross_entropy,
-                progress: bool = False, lr: float = 0.1) -> nn.Module:
-    """Train `model` for `epochs` with the default recipe, seeded like an ATO run (data-parallel under torchrun)."""
+                progress: bool = False, lr: float = 0.1, before_step: Callable[[], None] | None = None) -> nn.Module:
+    """Train `model` for `epochs` with the default recipe, seeded like an ATO run (data-parallel under torchrun);
+    `before_step` as in `train_epoch`."""
     torch.manual_seed(seed)
     model.to(device)
     distributed.require_sharded(loader, "training")
@@ -49,7 +53,7 @@ def train_plain(model: nn.Module, loader: Iterable, epochs: int, device: torch.d
     stepping = distributed.wrap(model, device)
     for epoch in tqdm(range(epochs), desc="dense reference", disable=not progress, leave=False):
         distributed.set_epoch(loader, epoch)
-        train_epoch(stepping, loader, opt, loss_fn, device)
+        train_epoch(stepping, loader, opt, loss_fn, device, before_step=before_step)
         distributed.share_buffers(model)
         sched.step()
     return model

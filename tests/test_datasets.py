@@ -228,3 +228,97 @@ def test_download_is_for_cifar_only(tmp_path):
     write_image_folder(tmp_path)
     with pytest.raises(DatasetError, match="--download works for cifar10 and cifar100 only"):
         load_images("folder", tmp_path, size=32, download=True)
+
+
+# ----------------------------------------------------------------------------------- Fashion-MNIST
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX format of unsigned bytes: 0, 0, 0x08, ndim, the dims as big-endian int32, then the data."""
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape) + array.tobytes()
+
+
+def write_fashion_mnist(root: Path, train: int = 30, test: int = 10, compress: bool = True,
+                        seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four Fashion-MNIST files (gzip-compressed as Debian ships them, or plain) with random images."""
+    import gzip
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for prefix, n in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+            data = _idx_bytes(array)
+            if compress:
+                (root / f"{stem}.gz").write_bytes(gzip.compress(data))
+            else:
+                (root / stem).write_bytes(data)
+        written[prefix] = (images, labels)
+    return written
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reads_the_idx_files_in_place(tmp_path, compress):
+    written = write_fashion_mnist(tmp_path, compress=compress)
+    data = load_images("fashion-mnist", tmp_path, 28)
+    assert isinstance(data.train, torchvision.datasets.FashionMNIST)
+    assert (len(data.train), len(data.val), data.classes, data.channels, data.size) == (30, 10, 10, 1, 28)
+    images, labels = written["t10k"]
+    x, y = data.val[3]  # no augmentation on the test split: exactly the normalised pixels
+    expected = (torch.from_numpy(images[3]).float() / 255 - datasets.FASHION_MNIST_MEAN[0]) / datasets.FASHION_MNIST_STD[0]
+    assert x.shape == (1, 28, 28) and y == int(labels[3])
+    assert torch.allclose(x[0], expected, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # read where they are: nothing written
+        f"{s}{'.gz' if compress else ''}" for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+
+
+def test_fashion_mnist_training_split_is_augmented(tmp_path):
+    write_fashion_mnist(tmp_path)
+    data = load_images("fashion-mnist", tmp_path, 28)
+    torch.manual_seed(0)
+    draws = [data.train[0][0] for _ in range(6)]  # random crop with padding 2 and flips: not all the same
+    assert all(d.shape == (1, 28, 28) for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_fashion_mnist_survives_pickling_for_loader_workers(tmp_path):
+    write_fashion_mnist(tmp_path)
+    data = load_images("fashion-mnist", tmp_path, 28)
+    again = pickle.loads(pickle.dumps(data.val))
+    assert torch.equal(again[2][0], data.val[2][0])
+    train, val = loaders(data, batch_size=8, num_workers=1)
+    x, y = next(iter(val))
+    assert x.shape == (8, 1, 28, 28) and y.dtype == torch.int64
+
+
+def test_fashion_mnist_missing_or_damaged_says_what_to_do(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match=r"does not exist.*apt-get install dataset-fashion-mnist.*--data-dir"):
+        load_images("fashion-mnist", tmp_path / "nowhere", 28)
+    write_fashion_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\(.gz\) is missing.*apt-get install"):
+        load_images("fashion-mnist", tmp_path, 28)
+    write_fashion_mnist(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DatasetError, match=r"is damaged.*--reinstall dataset-fashion-mnist"):
+        load_images("fashion-mnist", tmp_path, 28)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", tmp_path / "not-installed")
+    with pytest.raises(DatasetError, match="not-installed"):  # no --data-dir: the Debian package's folder
+        load_images("fashion-mnist", None, 28)
+
+
+def test_fashion_mnist_mismatched_files_are_refused(tmp_path):
+    write_fashion_mnist(tmp_path)
+    other = write_fashion_mnist(tmp_path / "other", train=31)
+    assert len(other["train"][0]) == 31
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes((tmp_path / "other/train-labels-idx1-ubyte.gz").read_bytes())
+    with pytest.raises(DatasetError, match="do not match"):
+        load_images("fashion-mnist", tmp_path, 28)
+
+
+@pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_the_installed_fashion_mnist_is_complete():
+    data = load_images("fashion-mnist", None, 28)
+    assert (len(data.train), len(data.val)) == (60_000, 10_000)
+    assert sorted(int(c) for c in data.val.targets.bincount()) == [1000] * 10
