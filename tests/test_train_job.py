@@ -100,3 +100,20 @@ def test_bad_ato_options_are_refused_before_any_training(tmp_path, monkeypatch, 
     with pytest.raises(atofx.ConfigError, match=next(iter(option))):
         train_job.run(TrainJob(out=str(tmp_path), progress=False, **option))
 
+
+
+def test_atofx_train_on_fashion_mnist_files(tmp_path, capsys):
+    """`atofx train --dataset fashion-mnist --data-dir DIR`: a one-channel CIFAR ResNet on the IDX files, unchanged."""
+    from atofx import cli
+    from tests.test_datasets import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fm", train=48, test=16)
+    out = tmp_path / "out"
+    argv = ["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fm"), "--epochs", "2",
+            "--batch-size", "16", "--num-workers", "0", "--no-dense-reference", "--quiet", "--out", str(out)]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "fashion-mnist" and summary["job"]["data_dir"] == str(tmp_path / "fm")
+    small = atofx.load(out / "pruned.pt")
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert "resnet20 on fashion-mnist" in capsys.readouterr().out
