@@ -63,6 +63,11 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+def resnet14(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """Two blocks a stage: the Fashion-MNIST benchmark's model (tools/bench_accuracy.py says why)."""
+    return CifarResNet(14, num_classes, in_channels)
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(20, num_classes, in_channels)
 
@@ -173,6 +178,6 @@ def mobilenetv2_cifar(num_classes: int = 10, in_channels: int = 3) -> MobileNetV
 
 # name -> factory(num_classes, in_channels); `atofx train --model NAME` builds these for 32x32 inputs
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
+    "resnet14": resnet14, "resnet20": resnet20, "resnet32": resnet32, "resnet56": resnet56, "resnet110": resnet110,
     "resnet18_cifar": resnet18_cifar, "resnet34_cifar": resnet34_cifar, "mobilenetv2_cifar": mobilenetv2_cifar,
 }

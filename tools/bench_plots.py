@@ -46,7 +46,7 @@ def plot_accuracy(payload: dict, out: Path) -> Path:
         ax.errorbar([r["flops_kept_mean"] for r in mine], [r["acc_mean"] for r in mine],
                     yerr=[r["acc_std"] for r in mine], marker="o", capsize=3, label=method)
     ax.set_xlabel("share of dense FLOPs kept")
-    ax.set_ylabel("validation accuracy, % (mean ± std over seeds)")
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
     ax.set_title(f"{payload.get('model', '')} on {payload.get('dataset', '')}: accuracy at equal FLOPs", fontsize=10)
     ax.legend(fontsize=8)
     fig.suptitle(_caption(payload), fontsize=7, color="grey")
