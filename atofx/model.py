@@ -245,14 +245,18 @@ class ATOModel:
     # ------------------------------------------------------------------ training
     def start_training(self, epochs: int, target_flops: float, device: str | torch.device | None = None,
                        **config: Any) -> ATOTrainer:
-        """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch."""
+        """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch.
+
+        `config` holds ATOConfig's options; `flavour="official"` starts from `ATOConfig.official()`.
+        """
         if self._zigs is None:
             raise AtofxError("analyse the model first: atofx.compile(model, example_inputs) or ato.analyze(batch).")
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}.")
         dev = resolve_device(device, self.model)
         self.model.to(dev)
-        self._trainer = ATOTrainer(self, ATOConfig(target_flops=target_flops, **config), epochs, dev)
+        flavour = config.pop("flavour", "atofx")
+        self._trainer = ATOTrainer(self, ATOConfig.of(flavour, target_flops=target_flops, **config), epochs, dev)
         return self._trainer
 
     def _active(self) -> ATOTrainer:
@@ -302,6 +306,8 @@ class ATOModel:
     ) -> list[dict[str, Any]]:
         """Train once with ATO; afterwards `ato.mask` is set and `ato.prune()` gives the small model.
 
+        Any other ATOConfig option goes in `config` (e.g. `step_size="share"`), and `flavour="official"`
+        starts from the authors' released code's choices (`ATOConfig.official()`).
         Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
         optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
         `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under torchrun (a process group

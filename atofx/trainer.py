@@ -86,7 +86,7 @@ class ATOConfig:
     round_to: int = 1  # the frozen mask keeps a multiple of this many ZIGs per space (1: any number)
     seed: int = 0
     # a dropped ZIG's lambda: "lr" lam (each dropped group shrinks by lr * lam a step); "share" lam * r_l,
-    # r_l = its space's share of all dropped ZIGs (official: all dropped groups together shrink by lr * lam)
+    # r_l = its space's share of all dropped ZIGs (official: project_wegit's lam * ratio * lr)
     step_size: str = "lr"
     # "ramp": lambda rises linearly from lam at the freeze to lam * lam_boost at the last epoch;
     # "jump": lambda is lam * lam_boost from epoch round(lam_jump_at * epochs) on (official: (E-5)/2 of E = 245)
@@ -894,6 +894,9 @@ def fit(
             "controller_loss": sum(c["controller_loss"] for c in ctrl) / len(ctrl) if ctrl else None,
             "mask_bits_changed": int(sum(int((trainer.mask[k] != before[k]).sum()) for k in before)),
             "mask_frozen": info["frozen"],
+            "zigs_dropped": info["zigs_dropped"],
+            "zigs_zero": info["zigs_zero"],
+            "zigs_revived": info["zigs_revived"],
             "lr": float(optimizer.param_groups[0]["lr"]),
         }
         if ranks.parallel:
@@ -924,6 +927,7 @@ def _epoch_line(r: dict[str, Any]) -> str:
     if "val_accuracy" in r:
         parts.append(f"val {r['val_accuracy']:.1f}%")
     parts.append(f"FLOPs kept {r['flops_kept']:.3f}")
+    parts.append(f"ZIGs dropped/zero/revived {r['zigs_dropped']}/{r['zigs_zero']}/{r['zigs_revived']}")
     if r["controller_loss"] is not None:
         parts.append(f"ctrl {r['controller_loss']:.3f}")
     if r["mask_frozen"]:
