@@ -259,6 +259,26 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- recipes
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="list the recipes (the paper's rows) with their targets and the paper's figures",
+        description="One row per file in recipes/: model, dataset, FLOPs pruned and kept (the paper's row), the "
+        "paper's dense and ATO top-1 where we could source them, epochs, global batch, optimiser. Run one with "
+        "`atofx train --config recipes/<recipe>.yaml`.",
+    )
+    p.set_defaults(run=_run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from atofx.train_job import RECIPES, recipes_table
+
+    print(recipes_table())
+    print(f"(files in {RECIPES}; run one with: atofx train --config recipes/<recipe>.yaml --data-dir DIR)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; a new subcommand adds one `_add_<name>(sub)` call here."""
@@ -272,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_train(sub)
     _add_report(sub)
+    _add_recipes(sub)
     return parser
 
 

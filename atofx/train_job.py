@@ -208,6 +208,35 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def paper_figures(path: Path) -> dict[str, str]:
+    """The paper's baseline and pruned top-1 from a recipe's `# paper: baseline X, pruned Y` header line."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# paper:"):
+            figures = dict(part.strip().split(" ", 1) for part in line.removeprefix("# paper:").split(","))
+            return {"baseline": figures.get("baseline", "?"), "pruned": figures.get("pruned", "?")}
+    return {"baseline": "?", "pruned": "?"}
+
+
+def recipes_table(folder: Path = RECIPES) -> str:
+    """One row per recipe file: what it trains, its FLOPs target, the paper's figures and the training setup."""
+    files = sorted(f for f in folder.glob("*") if f.suffix in RECIPE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise AtofxError(f"no recipe in {folder}: the recipes ship with the atofx repository (recipes/).")
+    rows = []
+    for f in files:
+        job = TrainJob(**load_recipe(f))
+        paper = paper_figures(f)
+        rows.append([f.stem, job.model, job.dataset, f"{100 * (1 - job.target_flops):.1f}%", f"{job.target_flops:.3f}",
+                     paper["baseline"], paper["pruned"], str(job.epochs), str(job.batch_size),
+                     f"{job.optimizer} {job.lr:g}"])
+    header = ["recipe", "model", "dataset", "pruned", "FLOPs kept", "paper dense", "paper ATO", "epochs",
+              "global batch", "optimizer, lr"]
+    return format_table(header, rows)
+
+
 def controller_share(job: TrainJob, n_train: int) -> float:
     """Share of the training set in D_CN: the job's, else 0.05 as in the paper, 0.5 on digits, and on a
     small folder enough for about 1000 images (at most half of it) so the controller gets several steps."""
