@@ -207,10 +207,6 @@ class ZIGParams:
             for e in self._slices:
                 self._previous[id(e.param)].copy_(e.param)
 
-    def forget_(self) -> None:
-        """Drop the remembered point (a resumed or restarted run has none)."""
-        self._previous = None
-
     @torch.no_grad()
     def half_space_project_(self, lam: Tensor, lr: float, eps: float = 0.1) -> None:
         """OTO's half-space projector (Eq. 2) on groups with lam_g > 0, after the optimiser's step.

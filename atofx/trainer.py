@@ -343,7 +343,8 @@ def gated_spaces(ato: ATOModel, search_space: str) -> list[int]:
     """The indices of the spaces the controller gates: every prunable one ("all"), or those inside one block.
 
     A space is block-internal when all its producers and consumers lie inside one module that is a block
-    (any module class but the model itself and the containers Sequential/ModuleList/ModuleDict): a ResNet
+    (a module with submodules, other than the model itself and the containers Sequential/ModuleList/ModuleDict;
+    the innermost such module around them decides): a ResNet
     block's conv1 -> conv2 channels, a MobileNetV2 block's expanded width. Residual streams, the stem and
     the head span several blocks and are not gated: the authors' code gates these spaces only.
     """
@@ -360,9 +361,10 @@ def gated_spaces(ato: ATOModel, search_space: str) -> list[int]:
             if len(set(parts)) != 1:
                 break
             common.append(parts[0])
-        while common:
-            if not isinstance(modules.get(".".join(common)), containers):
-                return ".".join(common) in modules
+        while common:  # the innermost block around them; a layer called twice is no block
+            module = modules.get(".".join(common))
+            if module is not None and not isinstance(module, containers) and next(module.children(), None):
+                return True
             common.pop()
         return False
 
@@ -397,6 +399,8 @@ class ATOTrainer:
         self.controller = Controller.from_zigs(zigs, seed=config.seed, spaces=self.gated,
                                                head_bias=config.head_bias).to(device)
         self.controller_opt = self._controller_optimizer()
+        if config.projection == "hsp":
+            self.params.remember_()  # the point before the first step
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.mask: Masks = {s.index: torch.ones(s.width, device=device) for s in zigs.prunable}
         self.state = TrainState()
@@ -425,20 +429,16 @@ class ATOTrainer:
     # ------------------------------------------------------------------ the three user-facing steps
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the dropped ZIGs after an optimiser step (no-op during warm-up)."""
-        if self.state.epoch < self.phases.warmup:
-            return
-        lam = self._lambdas()
         hsp = self.config.projection == "hsp"
-        if lam is None:  # nothing dropped: the projection is the identity
+        lam = self._lambdas() if self.state.epoch >= self.phases.warmup else None
+        if lam is not None:  # None: warm-up, or nothing dropped: the projection is the identity
+            lr = self._step_size(optimizer)
             if hsp:
-                self.params.forget_()  # the next half-space test must not compare with a stale point
-            return
-        lr = self._step_size(optimizer)
-        if hsp:
-            self.params.half_space_project_(lam, lr, self.config.hsp_eps)
+                self.params.half_space_project_(lam, lr, self.config.hsp_eps)
+            else:
+                self.params.proximal_group_lasso_(lam, lr)
+        if hsp:  # the point before the next step, which its half-space test compares with
             self.params.remember_()
-        else:
-            self.params.proximal_group_lasso_(lam, lr)
 
     def _lambdas(self) -> Tensor | None:
         """lambda_g per ZIG, rebuilt only when the mask or lambda changes (the hot loop stays cheap)."""
@@ -694,7 +694,8 @@ class ATOTrainer:
         self.mask = {int(k): v.to(self.device) for k, v in saved["mask"].items()}
         self.state = TrainState(saved["epoch"], saved["frozen"], list(saved["history"]))
         self.ever_dropped = saved["ever_dropped"].clone()
-        self.params.forget_()
+        if self.config.projection == "hsp":
+            self.params.remember_()  # the loaded weights are the point before the next step, as in the saved run
         self.generator.set_state(saved["generator"])
         ckpt.set_rng_state(saved["rng"][distributed.current().rank])
 

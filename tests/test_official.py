@@ -28,12 +28,17 @@ def fresh() -> atofx.ATOModel:
     return atofx.compile(CifarResNet(8, 10, 1, 1), EXAMPLE)
 
 
-@pytest.fixture(scope="module")
-def data():
+def loaders() -> tuple[DataLoader, DataLoader]:
+    """Fresh loaders, built the same way each time (a rerun of a script builds them anew)."""
     train, val = digits(0)
     return (DataLoader(Subset(train, range(256)), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(0)),
             DataLoader(Subset(val, range(128)), batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return loaders()
 
 
 # ------------------------------------------------------------------------------ config
@@ -176,7 +181,7 @@ def test_official_regulariser_is_two_sided_with_a_dead_band_and_twice_gamma():
         if expected == 0.0:
             assert float(p.grad) == 0.0, kept  # inside the band: no push either way
         else:
-            assert float(loss) == pytest.approx(expected, rel=1e-5), kept
+            assert float(loss.detach()) == pytest.approx(expected, rel=1e-5), kept
     below = torch.tensor(40.0)
     assert float(controller_loss(torch.tensor(0.0), below, target, total, 4.0, "paper")) == 0.0  # one-sided
     assert float(two_sided_regularizer(below, target, total)) > 0.0
@@ -273,3 +278,35 @@ def test_official_digits_run_logs_decay_and_ends_exact(data):
     assert any(r["zigs_zero"] < r["zigs_dropped"] for r in history)  # dropped groups decay, not die at once
     small = ato.prune()  # raises EquivalenceError if the trained model differs from its pruned copy
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in ato.model.parameters())
+
+
+def test_an_official_hsp_run_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):
+    """The sampled masks, the revival record and the half-space reference point all survive a restart."""
+    from atofx import checkpoint as ckpt
+
+    options = {"target_flops": 0.5, "progress": False, "flavour": "official", "search_space": "all",
+               "projection": "hsp", "warmup": 0.0, "lam_schedule": "ramp", **FAST}
+
+    def run(folder):
+        ato = fresh()
+        history = ato.train(loaders()[0], 6, checkpoint_dir=folder, **options)
+        return ato, [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+    ref, ref_history = run(tmp_path / "ref")
+    write = ckpt.write
+
+    def write_then_stop(folder, payload):
+        path = write(folder, payload)
+        if payload["epoch"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(ckpt, "write", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(ckpt, "write", write)
+    ato, history = run(tmp_path / "cut")
+    assert history == ref_history
+    assert any(r["zigs_revived"] > 0 or r["zigs_dropped"] > 0 for r in history)
+    ref_state, state = ref.model.state_dict(), ato.model.state_dict()
+    assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
