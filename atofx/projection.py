@@ -237,7 +237,7 @@ class ZIGParams:
         shift = torch.cat([torch.where(lam > 0, step, 0.0), step.new_zeros(1)])
         for e in self._slices:
             c = shift.index_select(0, e.zig).view(e.along_dim)
-            e.param.sub_((c * self._accumulated(ref[id(e.param)])).to(e.param.dtype))
+            e.param.sub_((c * self._accumulated(ref[id(e.param)])).to(e.param.device, e.param.dtype))
         self.scale_(torch.where(zeroed, 0.0, 1.0).to(self._dtype))
 
     def _lambdas(self, lam: Tensor) -> Tensor:
