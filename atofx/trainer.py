@@ -153,7 +153,7 @@ class ATOConfig:
             raise ConfigError(f"head_bias must be True or False, got {self.head_bias!r}.")
 
 
-# the options with a fixed set of values; the first is the default
+# the values each option with a fixed set of them accepts (defaults: ATOConfig; official: OFFICIAL)
 CHOICES: dict[str, tuple[str, ...]] = {
     "step_size": ("lr", "share"),
     "lam_schedule": ("ramp", "jump"),
@@ -344,9 +344,9 @@ def gated_spaces(ato: ATOModel, search_space: str) -> list[int]:
 
     A space is block-internal when all its producers and consumers lie inside one module that is a block
     (a module with submodules, other than the model itself and the containers Sequential/ModuleList/ModuleDict;
-    the innermost such module around them decides): a ResNet
-    block's conv1 -> conv2 channels, a MobileNetV2 block's expanded width. Residual streams, the stem and
-    the head span several blocks and are not gated: the authors' code gates these spaces only.
+    the innermost such module around them decides): a ResNet block's conv1 -> conv2 channels, a MobileNetV2
+    block's expanded width. Residual streams, the stem and the head span several blocks and are not gated:
+    the authors' code gates the block-internal spaces only.
     """
     prunable = ato.zigs.prunable
     if search_space == "all":
