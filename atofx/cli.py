@@ -126,9 +126,10 @@ _FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress"}
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from atofx.cifar_models import CIFAR_MODELS
     from atofx.datasets import DATASETS
-    from atofx.train_job import TrainJob
+    from atofx.train_job import OPTIMIZERS, TrainJob
+    from atofx.trainer import CHOICES, FLAVOURS, OFFICIAL, ATOConfig
 
-    d = TrainJob()
+    d, c = TrainJob(), ATOConfig()
     p = sub.add_parser(
         "train",
         help="train once with ATO and write the pruned model (default: digits, no download)",
@@ -152,8 +153,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, metavar="PX",
                    help="folder/imagenet resolution (default: 32 for the CIFAR models, 224 otherwise)")
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"SGD learning rate, cosine schedule (default: {d.lr})")
+    p.add_argument("--batch-size", type=int, help=f"the global batch; under torchrun each of W ranks loads "
+                   f"batch-size / W (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate for the global batch (not scaled with the ranks), "
+                   f"cosine schedule (default: {d.lr})")
     p.add_argument("--target-flops", type=float,
                    help=f"share of the dense FLOPs to keep, in (0, 1] (default: {d.target_flops})")
     p.add_argument("--method", choices=("ato", "static"),
@@ -171,7 +174,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="mixed precision: bf16 autocast, or fp16 with a grad scaler (for GPUs; default: off)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("training recipe (the authors' ImageNet runs: --optimizer adamw --lr 1e-3 "
+                             "--warmup-epochs 5 --label-smoothing 0.1 --mixup 0.2)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (momentum 0.9, nesterov) or adamw (default: sgd)")
+    g.add_argument("--weight-decay", type=float, help="(default: 5e-4 with sgd, 0.05 with adamw)")
+    g.add_argument("--warmup-epochs", type=int, metavar="N", help="linear lr warm-up epochs before the cosine (default: 0)")
+    g.add_argument("--label-smoothing", type=float, help="of the target model's loss (default: 0)")
+    g.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup of the training batches, Beta(ALPHA, ALPHA) "
+                   "(default: 0, off)")
+    a = p.add_argument_group("ATO's options (docs/design-notes.md; default: atofx's choice of each, or the "
+                             "flavour's)")
+    a.add_argument("--flavour", choices=FLAVOURS, help="official: every choice of the authors' released code "
+                   "(ATOConfig.official()); the flags below override it (default: atofx)")
+    for name, values in CHOICES.items():
+        a.add_argument(f"--{name.replace('_', '-')}", choices=values,
+                       help=f"(default: {getattr(c, name)}; official {OFFICIAL.get(name, getattr(c, name))})")
+    a.add_argument("--lam-boost", type=float, help=f"lambda multiplier after the freeze (default: {c.lam_boost}; "
+                   f"official {OFFICIAL['lam_boost']})")
+    a.add_argument("--lam-jump-at", type=float, metavar="SHARE",
+                   help=f"lam-schedule jump: the share of epochs where lambda jumps (default: {c.lam_jump_at})")
+    a.add_argument("--hsp-eps", type=float, help=f"projection hsp: OTO's epsilon (default: {c.hsp_eps})")
+    a.add_argument("--head-bias", type=_on_off, metavar="on|off", help="controller heads with a bias (default: "
+                   f"{'on' if c.head_bias else 'off'})")
     p.set_defaults(run=_run_train)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 def train_job_from_args(args: argparse.Namespace):
@@ -229,6 +260,26 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- recipes
+def _add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="list the recipes (the paper's rows) with their targets and the paper's figures",
+        description="One row per file in recipes/: model, dataset, FLOPs pruned and kept (the paper's row), the "
+        "paper's dense and ATO top-1 where we could source them, epochs, global batch, optimiser. Run one with "
+        "`atofx train --config recipes/<recipe>.yaml`.",
+    )
+    p.set_defaults(run=_run_recipes)
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from atofx.train_job import RECIPES, recipes_table
+
+    print(recipes_table())
+    print(f"(files in {RECIPES}; run one with: atofx train --config recipes/<recipe>.yaml --data-dir DIR)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; a new subcommand adds one `_add_<name>(sub)` call here."""
@@ -242,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_train(sub)
     _add_report(sub)
+    _add_recipes(sub)
     return parser
 
 

@@ -3,7 +3,9 @@
 Fixed orthogonal embeddings (one per space) run through a bidirectional GRU, so every space's
 mask sees the whole network; a Linear head per space emits one logit per ZIG. Gumbel-Sigmoid with
 a straight-through threshold gives binary masks in the forward pass and the soft gradient in the
-backward pass. Masks are dicts keyed by space index (`ChannelSpace.index`), the key the FLOPs model
+backward pass. The noise is logistic (the difference of two Gumbels, a true Gumbel-Sigmoid) or, as in
+the authors' released code, a single Gumbel (`noise="gumbel"`, biased towards keeping by its mean 0.58).
+Masks are dicts keyed by space index (`ChannelSpace.index`), the key the FLOPs model
 (`FlopsModel(keep)`) and the projections (`ZIGParams.keep_vector`) take.
 """
 
@@ -34,10 +36,12 @@ class Controller(nn.Module):
 
     `widths[i]` is the number of ZIGs of the space `keys[i]` (default `keys = range(len(widths))`);
     the GRU runs over the spaces in that order. `seed` makes the embeddings and the initial
-    weights deterministic without touching the global RNG.
+    weights deterministic without touching the global RNG. `head_bias=False`: heads without bias, as in the
+    authors' code.
     """
 
-    def __init__(self, widths: Sequence[int], keys: Sequence[int] | None = None, seed: int = 0):
+    def __init__(self, widths: Sequence[int], keys: Sequence[int] | None = None, seed: int = 0,
+                 head_bias: bool = True):
         super().__init__()
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"Controller needs at least one space, each of width >= 1; got widths={list(widths)}.")
@@ -54,13 +58,14 @@ class Controller(nn.Module):
             torch.manual_seed(seed)
             self.gru = nn.GRU(EMBED_DIM, HIDDEN, bidirectional=True)
             self.norm = nn.LayerNorm(2 * HIDDEN)
-            self.heads = nn.ModuleList(nn.Linear(2 * HIDDEN, w) for w in self.widths)
+            self.heads = nn.ModuleList(nn.Linear(2 * HIDDEN, w, bias=head_bias) for w in self.widths)
 
     @classmethod
-    def from_zigs(cls, zigs: ZIGSet, seed: int = 0) -> Controller:
-        """A controller over every prunable space of `zigs`, in graph order."""
-        spaces = zigs.prunable
-        return cls([s.width for s in spaces], [s.index for s in spaces], seed=seed)
+    def from_zigs(cls, zigs: ZIGSet, seed: int = 0, spaces: Sequence[int] | None = None,
+                  head_bias: bool = True) -> Controller:
+        """A controller over the prunable spaces of `zigs` (or the listed space indices), in graph order."""
+        chosen = [s for s in zigs.prunable if spaces is None or s.index in spaces]
+        return cls([s.width for s in chosen], [s.index for s in chosen], seed=seed, head_bias=head_bias)
 
     def forward(self) -> Masks:
         """Logits, one tensor of shape (width,) per space key."""
@@ -69,16 +74,20 @@ class Controller(nn.Module):
         return {k: head(h[i]) for i, (k, head) in enumerate(zip(self.keys, self.heads, strict=True))}
 
     def sample(
-        self, hard: bool = True, tau: float = 0.4, offset: float = 3.0, generator: torch.Generator | None = None
+        self, hard: bool = True, tau: float = 0.4, offset: float = 3.0, generator: torch.Generator | None = None,
+        noise: str = "logistic",
     ) -> Masks:
-        """Gumbel-Sigmoid masks sigmoid((logits + offset + g1 - g2) / tau), for training.
+        """Gumbel-Sigmoid masks sigmoid((logits + offset + g) / tau), for training.
 
-        With `hard`, the forward value is the binary threshold at 0.5 and the gradient is the soft
+        `noise`: "logistic" draws g = g1 - g2 (two Gumbels); "gumbel" draws one Gumbel, as the authors' code
+        does. With `hard`, the forward value is the binary threshold at 0.5 and the gradient is the soft
         value's (straight-through). The offset makes a fresh controller keep almost every ZIG.
         """
         logits = torch.cat(list(self.forward().values()))  # all spaces at once: one draw, one threshold
-        noise = _gumbel(logits.shape, logits.device, generator) - _gumbel(logits.shape, logits.device, generator)
-        soft = torch.sigmoid((logits + offset + noise) / tau)
+        g = _gumbel(logits.shape, logits.device, generator)
+        if noise == "logistic":
+            g = g - _gumbel(logits.shape, logits.device, generator)
+        soft = torch.sigmoid((logits + offset + g) / tau)
         # hard + (soft - soft) is exactly binary forward, soft's gradient backward
         masks = (soft > 0.5).to(soft.dtype) + (soft - soft.detach()) if hard else soft
         return dict(zip(self.keys, masks.split(self.widths), strict=True))

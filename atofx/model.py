@@ -245,14 +245,18 @@ class ATOModel:
     # ------------------------------------------------------------------ training
     def start_training(self, epochs: int, target_flops: float, device: str | torch.device | None = None,
                        **config: Any) -> ATOTrainer:
-        """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch."""
+        """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch.
+
+        `config` holds ATOConfig's options; `flavour="official"` starts from `ATOConfig.official()`.
+        """
         if self._zigs is None:
             raise AtofxError("analyse the model first: atofx.compile(model, example_inputs) or ato.analyze(batch).")
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}.")
         dev = resolve_device(device, self.model)
         self.model.to(dev)
-        self._trainer = ATOTrainer(self, ATOConfig(target_flops=target_flops, **config), epochs, dev)
+        flavour = config.pop("flavour", "atofx")
+        self._trainer = ATOTrainer(self, ATOConfig.of(flavour, target_flops=target_flops, **config), epochs, dev)
         return self._trainer
 
     def _active(self) -> ATOTrainer:
@@ -284,24 +288,26 @@ class ATOModel:
         scheduler: Any = None,
         loss_fn: Any = None,
         val_loader: Any = None,
-        lam: float = 10.0,
-        gamma: float = 4.0,
-        warmup: float = 0.2,
-        controller_window: tuple[float, float] = (0.1, 0.5),
-        controller_data: float = 0.05,
-        projection: str = "prox",
-        method: str = "ato",
+        lam: float = ATOConfig.lam,
+        gamma: float = ATOConfig.gamma,
+        warmup: float = ATOConfig.warmup,
+        controller_window: tuple[float, float] = ATOConfig.controller_window,
+        controller_data: float = ATOConfig.controller_data,
+        projection: str = ATOConfig.projection,
+        method: str = ATOConfig.method,
         device: str | torch.device | None = None,
         amp: str | None = None,
         channels_last: bool = False,
         checkpoint_dir: str | Path | None = None,
-        seed: int = 0,
+        seed: int = ATOConfig.seed,
         log_path: str | Path | None = None,
         progress: bool = True,
         **config: Any,
     ) -> list[dict[str, Any]]:
         """Train once with ATO; afterwards `ato.mask` is set and `ato.prune()` gives the small model.
 
+        Any other ATOConfig option goes in `config` (e.g. `step_size="share"`), and `flavour="official"`
+        starts from the authors' released code's choices (`ATOConfig.official()`).
         Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
         optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
         `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under torchrun (a process group

@@ -43,13 +43,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 def train_plain(model: nn.Module, loader: Iterable, epochs: int, device: torch.device, seed: int = 0,
                 loss_fn: Callable[[Any, Tensor], Tensor] = nn.functional.cross_entropy,
-                progress: bool = False, lr: float = 0.1, before_step: Callable[[], None] | None = None) -> nn.Module:
-    """Train `model` for `epochs` with the default recipe, seeded like an ATO run (data-parallel under torchrun);
-    `before_step` as in `train_epoch`."""
+                progress: bool = False, lr: float = 0.1,
+                make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None,
+                before_step: Callable[[], None] | None = None) -> nn.Module:
+    """Train `model` for `epochs` with the default recipe (or `make_optimizer(model)`'s optimiser and schedule),
+    seeded like an ATO run (data-parallel under torchrun); `before_step` as in `train_epoch`."""
     torch.manual_seed(seed)
     model.to(device)
     distributed.require_sharded(loader, "training")
-    opt, sched = default_optimizer(model, epochs, lr)
+    opt, sched = make_optimizer(model) if make_optimizer is not None else default_optimizer(model, epochs, lr)
     stepping = distributed.wrap(model, device)
     for epoch in tqdm(range(epochs), desc="dense reference", disable=not progress, leave=False):
         distributed.set_epoch(loader, epoch)

@@ -8,10 +8,16 @@ operation is then one reduction and one broadcast multiply per parameter tensor,
 Per-group vectors (norms, lambdas, masks) are indexed by ZIG id (`len(zigs.comp_space)` entries);
 ZIGs of pinned spaces have no indexed entries: their norm is 0 and projections leave them alone.
 
-Step size: the proximal step is `lr * lambda_g`, with `lr` the optimiser's *current* learning rate
-(`step_size(optimizer)`, after any scheduler), also for Adam/AdamW. ATO's official code does the
-same: the projection is a separate step on the regulariser, not preconditioned by Adam's moments,
-so the shrinkage per step is exactly `lr * lambda_g` in L2 norm whatever the optimiser.
+Step size: the proximal step shrinks group g by `lr * lambda_g` in L2 norm, with `lr` the optimiser's
+*current* learning rate (`step_size(optimizer)`, after any scheduler), also for Adam/AdamW: the
+projection is a separate step on the regulariser, not preconditioned by Adam's moments. What
+`lambda_g` is, is the trainer's choice (`ATOConfig.step_size`): `lam` for every dropped group (atofx's
+default), or `lam * r_l` with `r_l` the group's space's share of all dropped groups, as the authors'
+released code does (`project_wegit`); with tens of spaces r_l is a few percent, and under their
+AdamW lr of 1e-3 a dropped group decays over many steps instead of vanishing in one or two.
+
+Two projections: the proximal group-lasso step (Eq. 3) and OTO's half-space projector (Eq. 2), which
+tests a trial point against the group's previous value (`half_space_project_`); they differ.
 
 A position may belong to several ZIGs (a module called twice gives two "out" slices on the same
 parameter dim): it counts in the norm of each, and its scale factors multiply (zeroed if any
@@ -106,6 +112,7 @@ class ZIGParams:
         self._block_norms = [self._norms[a:b] for a, b in zip(starts[n_vectors:], ends[n_vectors:], strict=True)]
         self._scales = [(e.param, self._factors[a:b].view(e.along_dim), e.param.device != self._device)
                         for e, a, b in zip(self._slices, starts, ends, strict=True)]
+        self._previous: dict[int, Tensor] | None = None  # x_k for the half-space test, per parameter id
 
     @classmethod
     def of(cls, ato: ATOModel) -> ZIGParams:
@@ -128,9 +135,21 @@ class ZIGParams:
             vec[torch.as_tensor(comps, device=vec.device)] = bits.detach().to(vec)
         return vec
 
-    def group_lambdas(self, masks: Mapping[int, Tensor], lam: float) -> Tensor:
-        """lambda_g = lam * (1 - w_g) per ZIG id: only ZIGs the controller drops are penalised."""
-        return lam * (1.0 - self.keep_vector(masks))
+    def group_lambdas(self, masks: Mapping[int, Tensor], lam: float, per_space_share: bool = False) -> Tensor:
+        """lambda_g = lam * (1 - w_g) per ZIG id: only ZIGs the controller drops are penalised.
+
+        `per_space_share`: times r_l, the share of all dropped ZIGs that lie in g's space (the authors'
+        `project_wegit`); the more of the dropped ZIGs a space holds, the faster its groups shrink.
+        """
+        lam_g = lam * (1.0 - self.keep_vector(masks))
+        if per_space_share:
+            dropped = {k: float((1.0 - bits.detach().float()).sum()) for k, bits in masks.items()}
+            total = sum(dropped.values())
+            for k, n in dropped.items():
+                if n > 0:
+                    comps = torch.as_tensor(self.zigs.spaces[k].components, device=lam_g.device)
+                    lam_g[comps] *= n / total
+        return lam_g
 
     @torch.no_grad()
     def group_norms(self) -> Tensor:
@@ -179,18 +198,47 @@ class ZIGParams:
         shrink = torch.clamp(1.0 - lr * lam / self.group_norms(), min=0.0)
         self.scale_(torch.where(lam > 0, shrink, 1.0))
 
-    def half_space_project_(self, lam: Tensor, lr: float, eps: float = 0.0) -> None:
-        """OTO's half-space projector (Eq. 2) on groups with lam_g > 0.
+    @torch.no_grad()
+    def remember_(self) -> None:
+        """Keep a copy of every indexed tensor: the reference point x_k of the next half-space test."""
+        if self._previous is None:
+            self._previous = {id(e.param): e.param.detach().clone() for e in self._slices}
+        else:
+            for e in self._slices:
+                self._previous[id(e.param)].copy_(e.param)
 
-        Trial point x~_g = x_g - lr * lam_g * x_g / ||x_g||; the group becomes exactly zero where
-        x~_g . x_g < eps * ||x_g||^2 (it left the half-space), else it takes x~_g. Since x~_g is
-        (1 - lr * lam_g / ||x_g||) x_g, the test reads 1 - lr * lam_g / ||x_g|| < eps: with eps = 0
-        this is the proximal step; eps in (0, 1) zeroes groups earlier.
+    @torch.no_grad()
+    def half_space_project_(self, lam: Tensor, lr: float, eps: float = 0.1) -> None:
+        """OTO's half-space projector (Eq. 2) on groups with lam_g > 0, after the optimiser's step.
+
+        x_g is the group's value before this step (the point `remember_` kept; without one, the current
+        value), y_g the value the optimiser's step left. The trial point is y_g - lr * lam_g * x_g / ||x_g||
+        (the step of f + lambda * ||x_g||); the group becomes exactly zero when the trial point leaves the
+        half-space {z : z . x_g >= eps * ||x_g||^2}, or when x_g was already zero; else it takes the trial
+        point. Unlike the proximal step, the test looks at where the gradient step went: a group the task
+        loss pulls towards zero by more than (1 - eps) of its norm is zeroed at once, and one it pushes
+        away is not shrunk to zero however small it is. OTO's eps (and the authors' --epsilon) is 0.1.
         """
         lam = self._lambdas(lam)
-        step = 1.0 - lr * lam / self.group_norms()
-        projected = torch.where(step < eps, 0.0, step)
-        self.scale_(torch.where(lam > 0, projected, 1.0))
+        previous = self._previous
+        ref = {id(e.param): (previous[id(e.param)] if previous is not None else e.param.detach().clone())
+               for e in self._slices}
+        sq = torch.zeros(self.n_zigs + 1, dtype=self._dtype, device=self._device)
+        dot = torch.zeros_like(sq)
+        for e in self._slices:
+            x, y = self._accumulated(ref[id(e.param)]), self._accumulated(e.param)
+            dims = e.other_dims
+            sq.index_add_(0, e.zig, (x * x).sum(dims) if dims else x * x)
+            dot.index_add_(0, e.zig, (x * y).sum(dims) if dims else x * y)
+        norm = sq[:-1].sqrt()
+        step = torch.where(norm > 0, lr * lam / norm.clamp_min(torch.finfo(self._dtype).tiny), 0.0)
+        trial_dot = dot[:-1] - step * sq[:-1]  # (y_g - step_g * x_g) . x_g
+        zeroed = (lam > 0) & ((trial_dot < eps * sq[:-1]) | (norm == 0))
+        shift = torch.cat([torch.where(lam > 0, step, 0.0), step.new_zeros(1)])
+        for e in self._slices:
+            c = shift.index_select(0, e.zig).view(e.along_dim)
+            e.param.sub_((c * self._accumulated(ref[id(e.param)])).to(e.param.device, e.param.dtype))
+        self.scale_(torch.where(zeroed, 0.0, 1.0).to(self._dtype))
 
     def _lambdas(self, lam: Tensor) -> Tensor:
         """Checked lambdas (>= 0 is the caller's contract: checking would sync the device every step)."""

@@ -1,4 +1,10 @@
-"""`atofx train`: one ATO run from data to a pruned model on disk, with a summary table."""
+"""`atofx train`: one ATO run from data to a pruned model on disk, with a summary table.
+
+Batch size under torchrun: a job's `batch_size` is the *global* batch (what a recipe states); each of
+the W ranks loads `batch_size / W` samples a step (refused unless W divides it), and the learning rate
+is the recipe's, unscaled: 1 rank or 8, a step sees the same number of samples at the same rate, and
+the controller takes as many steps per epoch.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +26,7 @@ from atofx.cifar_models import CIFAR_MODELS
 from atofx.datasets import DATASETS, load_images, loaders
 from atofx.errors import AtofxError
 from atofx.model import resolve_device
-from atofx.plain_training import default_optimizer, train_plain
+from atofx.plain_training import train_plain
 from atofx.plots import draw_run_plots
 from atofx.report import format_table
 from atofx.trainer import ATOConfig, evaluate
@@ -42,8 +49,13 @@ class TrainJob:
     num_workers: int | None = None  # loader worker processes; None: min(4, CPU count); digits loads in-process
     image_size: int | None = None  # folder/imagenet; None: 32 for atofx's CIFAR models, 224 otherwise
     epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.1  # SGD (momentum 0.9, nesterov, weight decay 5e-4), cosine schedule; dense reference alike
+    batch_size: int = 64  # the global batch: under torchrun each of W ranks loads batch_size / W
+    lr: float = 0.1  # for the global batch, not scaled with the ranks; cosine schedule; dense reference alike
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adamw" (the authors' ImageNet runs)
+    weight_decay: float | None = None  # None: 5e-4 with SGD, 0.05 with AdamW (the official value)
+    warmup_epochs: int = 0  # linear lr warm-up over this many epochs before the cosine (official ImageNet: 5)
+    label_smoothing: float = 0.0  # official ImageNet: 0.1 (the target model's loss only)
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of the training batches; official ImageNet: 0.2
     target_flops: float = 0.5
     method: str = "ato"
     projection: str = "prox"
@@ -58,6 +70,107 @@ class TrainJob:
     threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
     amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32
     channels_last: bool = False  # NHWC memory format for the model and its 4-d inputs (faster convs on recent GPUs)
+    # ATO's options (trainer.ATOConfig); None: the flavour's value. flavour "official": ATOConfig.official()
+    flavour: str = "atofx"
+    step_size: str | None = None
+    lam_schedule: str | None = None
+    lam_boost: float | None = None
+    lam_jump_at: float | None = None
+    hsp_eps: float | None = None
+    sampling: str | None = None
+    regularizer: str | None = None
+    controller_optimizer: str | None = None
+    head_bias: bool | None = None
+    freeze_mask: str | None = None
+    search_space: str | None = None
+
+
+ATO_OPTIONS = ("step_size", "lam_schedule", "lam_boost", "lam_jump_at", "hsp_eps", "sampling", "regularizer",
+               "controller_optimizer", "head_bias", "freeze_mask", "search_space")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def ato_config(job: TrainJob) -> ATOConfig:
+    """The job's ATOConfig: its flavour, then every ATO option the job sets; checked (ConfigError)."""
+    given = {k: getattr(job, k) for k in ATO_OPTIONS if getattr(job, k) is not None}
+    config = ATOConfig.of(job.flavour, target_flops=job.target_flops, method=job.method, projection=job.projection,
+                          round_to=job.round_to, seed=job.seed, **given)
+    config.validate()
+    return config
+
+
+def check_training(job: TrainJob) -> None:
+    """Refuse training options out of range before any epoch runs."""
+    if job.optimizer not in OPTIMIZERS:
+        raise AtofxError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {job.optimizer!r} (--optimizer).")
+    if not 0 <= job.warmup_epochs < job.epochs:
+        raise AtofxError(f"warmup_epochs must be in [0, epochs), got {job.warmup_epochs} (--warmup-epochs).")
+    if not 0.0 <= job.label_smoothing < 1.0:
+        raise AtofxError(f"label_smoothing must be in [0, 1), got {job.label_smoothing} (--label-smoothing).")
+    if job.mixup < 0.0:
+        raise AtofxError(f"mixup is the Beta distribution's alpha, >= 0 (0: off), got {job.mixup} (--mixup).")
+    if job.weight_decay is not None and job.weight_decay < 0:
+        raise AtofxError(f"weight_decay must be >= 0, got {job.weight_decay} (--weight-decay).")
+
+
+def rank_batch_size(global_batch: int, world: int) -> int:
+    """Each rank's batch: the global batch over the ranks; refused unless they divide it."""
+    if global_batch < 1 or global_batch % world:
+        raise AtofxError(f"batch_size is the global batch and must split evenly over the {world} ranks, got "
+                         f"{global_batch}: give a multiple of {world} (--batch-size).")
+    return global_batch // world
+
+
+def job_optimizer(job: TrainJob, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """The job's optimiser and schedule: SGD or AdamW, then `warmup_epochs` of linear warm-up (from lr/W up
+    to lr, as the authors' GradualWarmupScheduler) and a cosine over the remaining epochs."""
+    if job.optimizer == "adamw":
+        wd = 0.05 if job.weight_decay is None else job.weight_decay
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=wd)
+    else:
+        wd = 5e-4 if job.weight_decay is None else job.weight_decay
+        opt = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    warm = job.warmup_epochs
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(job.epochs - warm, 1))
+    if warm <= 1:
+        return opt, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warm, end_factor=1.0, total_iters=warm - 1)
+    return opt, torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], milestones=[warm])
+
+
+class SoftTargetLoader:
+    """A training loader whose batches carry class probabilities: label smoothing, then mixup.
+
+    Smoothing spreads `smoothing` over the classes (the authors' `one_hot`); mixup blends each batch with a
+    shuffled copy of itself, inputs and targets alike, with a weight drawn from Beta(alpha, alpha). Every
+    other attribute (dataset, sampler, batch_size, collate_fn) is the wrapped loader's, so the controller's
+    subset D_CN is drawn from the clean data. `generator` (mixup's draws) is checkpointed with the run.
+    """
+
+    def __init__(self, loader: Any, classes: int, smoothing: float, alpha: float, seed: int):
+        self.loader, self.classes, self.smoothing, self.alpha = loader, classes, smoothing, alpha
+        self.generator = torch.Generator().manual_seed(seed + 3)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["loader"], name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for x, y in self.loader:
+            yield self.soften(x, y)
+
+    def soften(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = nn.functional.one_hot(y, self.classes).float() * (1.0 - self.smoothing) + self.smoothing / self.classes
+        if self.alpha > 0 and len(y) > 1:
+            # torch's Beta takes no generator: numpy's, seeded from ours, keeps the draws resumable
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+            w = float(np.random.default_rng(seed).beta(self.alpha, self.alpha))
+            perm = torch.randperm(len(y), generator=self.generator).to(y.device)
+            x = w * x + (1.0 - w) * x[perm]
+            target = w * target + (1.0 - w) * target[perm]
+        return x, target
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -95,6 +208,35 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def paper_figures(path: Path) -> dict[str, str]:
+    """The paper's baseline and pruned top-1 from a recipe's `# paper: baseline X, pruned Y` header line."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# paper:"):
+            figures = dict(part.strip().split(" ", 1) for part in line.removeprefix("# paper:").split(","))
+            return {"baseline": figures.get("baseline", "?"), "pruned": figures.get("pruned", "?")}
+    return {"baseline": "?", "pruned": "?"}
+
+
+def recipes_table(folder: Path = RECIPES) -> str:
+    """One row per recipe file: what it trains, its FLOPs target, the paper's figures and the training setup."""
+    files = sorted(f for f in folder.glob("*") if f.suffix in RECIPE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise AtofxError(f"no recipe in {folder}: the recipes ship with the atofx repository (recipes/).")
+    rows = []
+    for f in files:
+        job = TrainJob(**load_recipe(f))
+        paper = paper_figures(f)
+        rows.append([f.stem, job.model, job.dataset, f"{100 * (1 - job.target_flops):.1f}%", f"{job.target_flops:.3f}",
+                     paper["baseline"], paper["pruned"], str(job.epochs), str(job.batch_size),
+                     f"{job.optimizer} {job.lr:g}"])
+    header = ["recipe", "model", "dataset", "pruned", "FLOPs kept", "paper dense", "paper ATO", "epochs",
+              "global batch", "optimizer, lr"]
+    return format_table(header, rows)
+
+
 def controller_share(job: TrainJob, n_train: int) -> float:
     """Share of the training set in D_CN: the job's, else 0.05 as in the paper, 0.5 on digits, and on a
     small folder enough for about 1000 images (at most half of it) so the controller gets several steps."""
@@ -118,11 +260,13 @@ def uses_cifar_model(job: TrainJob) -> bool:
 
 
 def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, tuple[int, ...]]:
-    """(train loader, val loader, classes, input channels, example input shape)."""
+    """(train loader, val loader, classes, input channels, example input shape); each rank loads its share of
+    the global batch (`rank_batch_size`)."""
+    batch = rank_batch_size(job.batch_size, distributed.current().world)
     if job.dataset == "digits":
         from atofx.datasets import digits_loaders
 
-        train, val = digits_loaders(job.batch_size, job.seed)
+        train, val = digits_loaders(batch, job.seed)
         return train, val, 10, 1, (1, 1, 8, 8)
     if job.dataset not in DATASETS:
         raise AtofxError(f"unknown dataset {job.dataset!r}; available: {', '.join(DATASETS)}.")
@@ -130,7 +274,7 @@ def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, 
         raise AtofxError(f"image_size must be a positive number of pixels, got {job.image_size}.")
     size = job.image_size or (32 if uses_cifar_model(job) else 224)
     data = load_images(job.dataset, job.data_dir, size, job.download)
-    train, val = loaders(data, job.batch_size, job.seed, job.num_workers, pin_memory)
+    train, val = loaders(data, batch, job.seed, job.num_workers, pin_memory)
     return train, val, data.classes, data.channels, data.example_shape
 
 
@@ -188,9 +332,9 @@ def run(job: TrainJob) -> dict[str, Any]:
     Under torchrun every rank runs this; they share the work, and rank 0 alone writes OUT/.
     """
     started = time.perf_counter()
-    # ATO's options are checked before the dense reference spends its epochs
-    ATOConfig(target_flops=job.target_flops, method=job.method, projection=job.projection,
-              round_to=job.round_to).validate()
+    # ATO's and the training's options are checked before the dense reference spends its epochs
+    config = ato_config(job)
+    check_training(job)
     ranks = distributed.start(_device_type(job.device))
     out = Path(job.out)
     if ranks.main:
@@ -203,6 +347,8 @@ def run(job: TrainJob) -> dict[str, Any]:
         torch.set_num_threads(threads)
     device = resolve_device(job.device, nn.Linear(1, 1))
     train_loader, val_loader, classes, channels, example_shape = _data(job, pin_memory=device.type == "cuda")
+    if job.label_smoothing > 0 or job.mixup > 0:
+        train_loader = SoftTargetLoader(train_loader, classes, job.label_smoothing, job.mixup, job.seed)
     loss_fn = nn.functional.cross_entropy
     model = _model(job, classes, channels)
     dense_model = copy.deepcopy(model)
@@ -214,7 +360,8 @@ def run(job: TrainJob) -> dict[str, Any]:
         if dense_file.exists():
             accuracy_dense = json.loads(dense_file.read_text())["accuracy_dense"]
         else:
-            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress, lr=job.lr)
+            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
+                        make_optimizer=lambda m: job_optimizer(job, m))
             accuracy_dense = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
             if ranks.main:
                 dense_file.write_text(json.dumps({"accuracy_dense": accuracy_dense}))
@@ -223,10 +370,11 @@ def run(job: TrainJob) -> dict[str, Any]:
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
     if ranks.main:
         ato.visualize(out / "zigs.svg")
-    optimizer, scheduler = default_optimizer(model, job.epochs, job.lr)
+    optimizer, scheduler = job_optimizer(job, model)
+    options = {k: v for k, v in asdict(config).items() if k in ATO_OPTIONS}
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
               optimizer=optimizer, scheduler=scheduler, amp=job.amp, channels_last=job.channels_last,
-              projection=job.projection, round_to=job.round_to, device=device, seed=job.seed,
+              projection=job.projection, round_to=job.round_to, device=device, seed=job.seed, **options,
               checkpoint_dir=out / "checkpoints", log_path=out / "log.jsonl", progress=progress,
               controller_data=controller_share(job, len(train_loader.dataset)),
               controller_epochs=controller_passes(job, len(train_loader.dataset)))
@@ -253,6 +401,7 @@ def run(job: TrainJob) -> dict[str, Any]:
         "ranks": ranks.world,
         "seconds": time.perf_counter() - started,
         "job": asdict(job),
+        "ato": asdict(config),  # every ATO option the run used, the flavour's included
     }
     if ranks.main:
         atofx.save(small_cpu, out / "pruned.pt", example)

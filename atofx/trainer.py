@@ -10,6 +10,9 @@ group-norm saliency at the window start, never changed.
 
 Controller steps run the model in eval mode (running BN statistics are not disturbed by
 masked activations) with the model's parameters frozen; only the controller learns.
+
+Where the paper, the authors' released code and atofx differ, `ATOConfig` has an option for each
+choice (atofx's is the default); `ATOConfig.official()` turns on every choice of the released code.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +47,28 @@ if TYPE_CHECKING:
     from atofx.model import ATOModel
 
 
+FLAVOURS = ("atofx", "official")
+# ATOConfig.official(): the authors' released code (xidongwu/AutoTrainOnce, ImageNet scripts), choice by choice
+OFFICIAL: dict[str, Any] = {
+    "step_size": "share",  # project_wegit: lam * r_l * lr
+    "lam_schedule": "jump",  # lmd 0: lambda 10, then 1000 from epoch (E-5)/2
+    "lam_boost": 100.0,  # 10 -> 1000
+    "sampling": "official",  # one Gumbel; soft mask in CE, hard in FLOPs; the mask a sample drawn per epoch
+    "regularizer": "official",  # two-sided, +-0.005 dead band, weight 2 * gamma
+    "controller_optimizer": "adamw",  # AdamW lr 1e-3 wd 1e-2, lr x0.1 at 98% of the window's end
+    "head_bias": False,  # nn.Linear(256, width, bias=False)
+    "freeze_mask": "controller",  # no bisection: the frozen mask is the controller's sample
+    "search_space": "internal",  # gates inside residual blocks only
+}
+
+
 @dataclass
 class ATOConfig:
-    """Hyper-parameters of one ATO run (paper defaults)."""
+    """Hyper-parameters of one ATO run; each default is defined here once (paper values, atofx's choices).
+
+    The options after `seed` choose between atofx's behaviour (default) and the authors' released code's
+    (`OFFICIAL`; `ATOConfig.official()` sets them all); docs/design-notes.md explains each one.
+    """
 
     target_flops: float = 0.5  # fraction of the dense FLOPs kept
     lam: float = 10.0
@@ -56,13 +78,51 @@ class ATOConfig:
     controller_data: float = 0.05  # share of the training set in D_CN
     controller_lr: float = 1e-3
     controller_epochs: int = 1  # passes over D_CN per epoch in the window
-    projection: str = "prox"  # "prox" (Eq. 3) or "hsp" (Eq. 2)
+    projection: str = "prox"  # "prox" (Eq. 3) or "hsp" (OTO's half-space projector, Eq. 2)
     method: str = "ato"  # "ato" or "static"
     tau: float = 0.4
     offset: float = 3.0
-    lam_boost: float = 10.0  # lambda multiplier reached at the last epoch once the mask is frozen
+    lam_boost: float = 10.0  # lambda multiplier after the freeze: reached at the last epoch ("ramp") or at once ("jump")
     round_to: int = 1  # the frozen mask keeps a multiple of this many ZIGs per space (1: any number)
     seed: int = 0
+    # a dropped ZIG's lambda: "lr" lam (each dropped group shrinks by lr * lam a step); "share" lam * r_l,
+    # r_l = its space's share of all dropped ZIGs (official: project_wegit's lam * ratio * lr)
+    step_size: str = "lr"
+    # "ramp": lambda rises linearly from lam at the freeze to lam * lam_boost at the last epoch;
+    # "jump": lambda is lam * lam_boost from epoch round(lam_jump_at * epochs) on (official: (E-5)/2 of E = 245)
+    lam_schedule: str = "ramp"
+    lam_jump_at: float = 0.49  # "jump" only: 120 / 245, the official epoch as a share of the run
+    hsp_eps: float = 0.1  # projection "hsp": OTO's epsilon (the authors' --epsilon)
+    # "atofx": logistic noise, the hard mask in both loss terms, the noise-free mask projects and freezes;
+    # "official": one Gumbel, soft mask in the CE term, hard straight-through in the FLOPs term, and the mask
+    # that projects (and freezes) a hard sample drawn at the end of each window epoch
+    sampling: str = "atofx"
+    regularizer: str = "paper"  # "paper": gamma * one-sided log; "official": 2 * gamma * two-sided, +-0.005 band
+    # "adam": Adam(controller_lr); "adamw": AdamW(controller_lr, weight decay 1e-2 on weights), lr x0.1 from
+    # epoch int(0.98 * T_end)
+    controller_optimizer: str = "adam"
+    head_bias: bool = True  # the controller's heads have a bias (official: none)
+    # the mask frozen at T_end: "bisect" raises the logit threshold until the FLOPs model meets the target;
+    # "controller" takes the controller's mask as it is; "dead" takes it and drops the kept ZIGs whose
+    # parameters are all exactly zero (dead channels cost FLOPs and give nothing); neither bisects
+    freeze_mask: str = "bisect"
+    search_space: str = "all"  # "all": every prunable space; "internal": only spaces inside one block (official)
+
+    @classmethod
+    def official(cls, **overrides: Any) -> ATOConfig:
+        """Every choice of the authors' released code (`OFFICIAL`), then `overrides`."""
+        return cls(**(OFFICIAL | overrides))
+
+    @classmethod
+    def of(cls, flavour: str = "atofx", **options: Any) -> ATOConfig:
+        """The config of a flavour ("atofx": the defaults; "official": `official()`), then `options`."""
+        if flavour not in FLAVOURS:
+            raise ConfigError(f"flavour must be one of {', '.join(FLAVOURS)}, got {flavour!r}.")
+        try:
+            return cls.official(**options) if flavour == "official" else cls(**options)
+        except TypeError as exc:
+            known = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"{exc}; ATO's options are: {known}.") from None
 
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
@@ -79,6 +139,30 @@ class ATOConfig:
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to must be a whole number of channels >= 1 (8 or 16 suit most CPUs and GPUs), "
                               f"got {self.round_to!r}.")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r} "
+                                  f"(--{name.replace('_', '-')} on the command line).")
+        if not 0.0 <= self.lam_jump_at <= 1.0:
+            raise ConfigError(f"lam_jump_at is a share of the epochs, in [0, 1], got {self.lam_jump_at}.")
+        if not 0.0 <= self.hsp_eps < 1.0:
+            raise ConfigError(f"hsp_eps (OTO's epsilon) must be in [0, 1), got {self.hsp_eps}.")
+        if self.lam < 0 or self.lam_boost < 1.0:
+            raise ConfigError(f"lam must be >= 0 and lam_boost >= 1, got lam={self.lam}, lam_boost={self.lam_boost}.")
+        if not isinstance(self.head_bias, bool):
+            raise ConfigError(f"head_bias must be True or False, got {self.head_bias!r}.")
+
+
+# the values each option with a fixed set of them accepts (defaults: ATOConfig; official: OFFICIAL)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "step_size": ("lr", "share"),
+    "lam_schedule": ("ramp", "jump"),
+    "sampling": ("atofx", "official"),
+    "regularizer": ("paper", "official"),
+    "controller_optimizer": ("adam", "adamw"),
+    "freeze_mask": ("bisect", "controller", "dead"),
+    "search_space": ("all", "internal"),
+}
 
 
 @dataclass
@@ -255,6 +339,42 @@ def _hits(out: Any, targets: Tensor) -> Tensor:
     return (pred == targets).sum()
 
 
+def gated_spaces(ato: ATOModel, search_space: str) -> list[int]:
+    """The indices of the spaces the controller gates: every prunable one ("all"), or those inside one block.
+
+    A space is block-internal when all its producers and consumers lie inside one module that is a block
+    (a module with submodules, other than the model itself and the containers Sequential/ModuleList/ModuleDict;
+    the innermost such module around them decides): a ResNet block's conv1 -> conv2 channels, a MobileNetV2
+    block's expanded width. Residual streams, the stem and the head span several blocks and are not gated:
+    the authors' code gates the block-internal spaces only.
+    """
+    prunable = ato.zigs.prunable
+    if search_space == "all":
+        return [s.index for s in prunable]
+    modules = dict(ato.model.named_modules())
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+    def internal(space: Any) -> bool:
+        names = [n.split(".") for n in (*space.producers, *space.consumers)]
+        common: list[str] = []
+        for parts in zip(*names, strict=False):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        while common:  # the innermost block around them; a layer called twice is no block
+            module = modules.get(".".join(common))
+            if module is not None and not isinstance(module, containers) and next(module.children(), None):
+                return True
+            common.pop()
+        return False
+
+    chosen = [s.index for s in prunable if internal(s)]
+    if not chosen:
+        raise ConfigError("search_space 'internal' found no channel space inside a block (residual or inverted-"
+                          "residual block module) in this model; use search_space='all' (--search-space all).")
+    return chosen
+
+
 class ATOTrainer:
     """The state of one ATO run over an analysed `ATOModel`, step by step."""
 
@@ -275,37 +395,57 @@ class ATOTrainer:
         self.model = ato.graph_module
         self.params = ZIGParams.of(ato)
         self.flops = ato.flops_model
-        self.controller = Controller.from_zigs(zigs, seed=config.seed).to(device)
-        # the fused kernel where torch has one: the controller has ~35 small tensors, and Adam's loop over them
-        # cost more than their update (ResNet-20: 1.4 ms a step, fused 0.3 ms)
-        self.controller_opt = torch.optim.Adam(self.controller.parameters(), lr=config.controller_lr,
-                                               fused=device.type in ("cpu", "cuda"))
+        self.gated = gated_spaces(ato, config.search_space)
+        self.controller = Controller.from_zigs(zigs, seed=config.seed, spaces=self.gated,
+                                               head_bias=config.head_bias).to(device)
+        self.controller_opt = self._controller_optimizer()
+        if config.projection == "hsp":
+            self.params.remember_()  # the point before the first step
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.mask: Masks = {s.index: torch.ones(s.width, device=device) for s in zigs.prunable}
         self.state = TrainState()
+        ids = [int(c) for s in zigs.prunable for c in s.components]
+        self._prunable_ids = torch.as_tensor(ids, dtype=torch.long)
+        # ZIGs dropped by a mask that projected in some epoch (for zigs_revived), by position in _prunable_ids
+        self.ever_dropped = torch.zeros(len(ids), dtype=torch.bool)
         # what batches are checked against; concrete_args fill some of the example's entries themselves
         self.example_inputs = None if ato.trace_options.get("concrete_args") else ato.example_inputs
+
+    def _controller_optimizer(self) -> torch.optim.Optimizer:
+        """Adam, or AdamW with weight decay 1e-2 on the weights only (the authors' `group_weight`).
+
+        The fused kernel where torch has one: the controller has ~35 small tensors, and Adam's loop over them
+        cost more than their update (ResNet-20: 1.4 ms a step, fused 0.3 ms).
+        """
+        fused = self.device.type in ("cpu", "cuda")
+        lr = self.config.controller_lr
+        if self.config.controller_optimizer == "adam":
+            return torch.optim.Adam(self.controller.parameters(), lr=lr, fused=fused)
+        decay = [p for n, p in self.controller.named_parameters() if p.ndim > 1]
+        rest = [p for n, p in self.controller.named_parameters() if p.ndim <= 1]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 1e-2}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=lr, fused=fused)
 
     # ------------------------------------------------------------------ the three user-facing steps
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the dropped ZIGs after an optimiser step (no-op during warm-up)."""
-        if self.state.epoch < self.phases.warmup:
-            return
-        lam = self._lambdas()
-        if lam is None:  # nothing dropped: the projection is the identity
-            return
-        lr = self._step_size(optimizer)
-        if self.config.projection == "prox":
-            self.params.proximal_group_lasso_(lam, lr)
-        else:
-            self.params.half_space_project_(lam, lr)
+        hsp = self.config.projection == "hsp"
+        lam = self._lambdas() if self.state.epoch >= self.phases.warmup else None
+        if lam is not None:  # None: warm-up, or nothing dropped: the projection is the identity
+            lr = self._step_size(optimizer)
+            if hsp:
+                self.params.half_space_project_(lam, lr, self.config.hsp_eps)
+            else:
+                self.params.proximal_group_lasso_(lam, lr)
+        if hsp:  # the point before the next step, which its half-space test compares with
+            self.params.remember_()
 
     def _lambdas(self) -> Tensor | None:
         """lambda_g per ZIG, rebuilt only when the mask or lambda changes (the hot loop stays cheap)."""
         lam_now = self.lam_now()
         cached = getattr(self, "_lam_cache", None)
         if cached is None or cached[0] is not self.mask or cached[1] != lam_now:
-            lam = self.params.group_lambdas(self.mask, lam_now)
+            lam = self.params.group_lambdas(self.mask, lam_now, per_space_share=self.config.step_size == "share")
             cached = (self.mask, lam_now, lam if bool((lam > 0).any()) else None)
             self._lam_cache = cached
         return cached[2]
@@ -319,15 +459,29 @@ class ATOTrainer:
             self._lr_cache = cached
         return cached[2]
 
+    def _full(self, masks: Masks) -> Masks:
+        """`masks` for the gated spaces, completed with all-ones masks for the other prunable spaces."""
+        return {s.index: masks[s.index] if s.index in masks else torch.ones(s.width, device=self.device)
+                for s in self.ato.zigs.prunable}
+
     def controller_step(self, batch: Any, loss_fn: Callable[[Any, Tensor], Tensor] | None = None) -> dict[str, float]:
         """One controller update on a D_CN batch (no-op outside the controller window)."""
         if not self.in_window():
             return {}
         inputs, targets = split_batch(_to(batch, self.device))
         loss_fn = loss_fn or nn.functional.cross_entropy
-        masks = self.controller.sample(hard=True, tau=self.config.tau, offset=self.config.offset,
-                                       generator=self.generator)
-        keep = self.flops.keep_vector(masks)
+        cfg = self.config
+        for g in self.controller_opt.param_groups:
+            g["lr"] = self.controller_lr()
+        if cfg.sampling == "official":  # two draws, as the authors' forward() and resource_output() make
+            soft = self.controller.sample(hard=False, tau=cfg.tau, offset=cfg.offset, generator=self.generator,
+                                          noise="gumbel")
+            hard = self.controller.sample(hard=True, tau=cfg.tau, offset=cfg.offset, generator=self.generator,
+                                          noise="gumbel")
+            keep, keep_flops = self.flops.keep_vector(soft), self.flops.keep_vector(hard)
+        else:
+            masks = self.controller.sample(hard=True, tau=cfg.tau, offset=cfg.offset, generator=self.generator)
+            keep = keep_flops = self.flops.keep_vector(masks)
         self.slots.set(keep)
         model_params = [p for p in self.gm.parameters() if p.requires_grad]
         was_training = self.gm.training
@@ -336,8 +490,8 @@ class ATOTrainer:
                 p.requires_grad_(False)
             self.gm.eval()
             task = loss_fn(self.gm(*inputs), targets)
-            p = self.flops.of_vector(keep)
-            loss = controller_loss(task, p, self.config.target_flops, self.flops.total, self.config.gamma)
+            p = self.flops.of_vector(keep_flops)
+            loss = controller_loss(task, p, cfg.target_flops, self.flops.total, cfg.gamma, cfg.regularizer)
             self.controller_opt.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(self.controller.parameters())  # same step, same mask on every rank
@@ -347,43 +501,83 @@ class ATOTrainer:
             self.gm.train(was_training)
             for p_ in model_params:
                 p_.requires_grad_(True)
-        self.mask = self.current_mask()
+        if cfg.sampling != "official":  # official: the mask is drawn once, at the end of the epoch
+            self.mask = self.current_mask()
         return {"controller_loss": float(loss.detach()), "sampled_flops_kept": float(p.detach()) / self.flops.total}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Close epoch `epoch` (0-based): pick, freeze or finalise the mask as the schedule says."""
+        """Close epoch `epoch` (0-based): pick, freeze or finalise the mask as the schedule says.
+
+        Returns the mask's FLOPs, whether it is frozen, and the ZIG counts (`zig_counts`).
+        """
+        was_in_window = self.in_window()
         self.state.epoch = epoch + 1
         ph = self.phases
         if self.config.method == "static" and self.state.epoch == max(ph.start, 1):  # window start 0: first epoch end
             self.mask = self.saliency_mask()
+        if was_in_window and self.config.sampling == "official":
+            self.mask = self.sampled_mask()
         if self.state.epoch >= ph.end and not self.state.frozen:
             self.state.frozen = True
             if self.config.method == "ato":
-                self.mask = self.budget_mask()
+                self.mask = self.frozen_mask()
         if self.state.epoch >= ph.epochs:
             self.params.zero_(self.params.keep_vector(self.mask) == 0)
-        return {"frozen": self.state.frozen, "flops_kept": self.flops_kept()}
+        counts = self.zig_counts()
+        if self.state.epoch >= ph.warmup:  # the mask now projects in the next epoch
+            self.ever_dropped |= self._dropped()
+        return {"frozen": self.state.frozen, "flops_kept": self.flops_kept(), **counts}
 
     # ------------------------------------------------------------------ helpers
     def in_window(self) -> bool:
         ph = self.phases
         return self.config.method == "ato" and ph.start <= self.state.epoch < ph.end and not self.state.frozen
 
+    def controller_lr(self) -> float:
+        """The controller's learning rate now: x0.1 from epoch int(0.98 * T_end) with AdamW (the official schedule)."""
+        late = self.state.epoch >= int(0.98 * self.phases.end)
+        return self.config.controller_lr * (0.1 if self.config.controller_optimizer == "adamw" and late else 1.0)
+
     def lam_now(self) -> float:
+        cfg, ph = self.config, self.phases
+        if cfg.lam_schedule == "jump":
+            return cfg.lam * (cfg.lam_boost if self.state.epoch >= round(cfg.lam_jump_at * ph.epochs) else 1.0)
         if not self.state.frozen:
-            return self.config.lam
-        ph = self.phases
+            return cfg.lam
         progress = (self.state.epoch - ph.end + 1) / max(ph.epochs - ph.end, 1)
-        return self.config.lam * (1.0 + (self.config.lam_boost - 1.0) * min(progress, 1.0))
+        return cfg.lam * (1.0 + (cfg.lam_boost - 1.0) * min(progress, 1.0))
 
     def flops_kept(self) -> float:
         return float(self.flops({k: v.double() for k, v in self.mask.items()})) / self.flops.total
+
+    def _dropped(self) -> Tensor:
+        """Per prunable ZIG (in `_prunable_ids` order): dropped by the current mask."""
+        return (self.params.keep_vector(self.mask) == 0).cpu()[self._prunable_ids]
+
+    @torch.no_grad()
+    def zig_counts(self) -> dict[str, int]:
+        """zigs_dropped: 0 bits in the mask; zigs_zero: ZIGs whose parameters are all exactly zero;
+        zigs_revived: ZIGs kept now that a mask dropped in an earlier epoch after warm-up, and not zero."""
+        dropped = self._dropped()
+        zero = (self.params.group_norms() == 0).cpu()[self._prunable_ids]
+        revived = ~dropped & self.ever_dropped & ~zero
+        return {"zigs_dropped": int(dropped.sum()), "zigs_zero": int(zero.sum()), "zigs_revived": int(revived.sum())}
 
     @torch.no_grad()
     def current_mask(self) -> Masks:
         """The controller's deterministic mask; a space it would empty keeps its channel of largest logit,
         since a layer of width 0 cannot be built (and the pruned model must exist)."""
-        masks = self.controller.mask(self.config.offset)
+        return self._full(self._never_empty(self.controller.mask(self.config.offset)))
+
+    @torch.no_grad()
+    def sampled_mask(self) -> Masks:
+        """A hard mask drawn from the controller with one Gumbel noise (the official code's per-epoch mask)."""
+        cfg = self.config
+        masks = self.controller.sample(hard=True, tau=cfg.tau, offset=cfg.offset, generator=self.generator,
+                                       noise="gumbel")
+        return self._full(self._never_empty({k: v.detach() for k, v in masks.items()}))
+
+    def _never_empty(self, masks: Masks) -> Masks:
         empty = [k for k, m in masks.items() if not bool(m.any())]
         if empty:
             logits = self.controller()
@@ -393,6 +587,31 @@ class ATOTrainer:
 
     def final_mask(self) -> Mask:
         return Mask({k: v.detach().cpu().bool() for k, v in self.mask.items()})
+
+    @torch.no_grad()
+    def frozen_mask(self) -> Masks:
+        """The mask frozen at the window's end, as `freeze_mask` says: bisected to the budget (`budget_mask`),
+        the controller's own, or the controller's less its dead ZIGs (all parameters exactly zero). With
+        `round_to`, the last two move each space's count to a multiple of it, keeping the controller's bits
+        first, then its best logits."""
+        how = self.config.freeze_mask
+        if how == "bisect":
+            return self.budget_mask()
+        mask = {k: v.clone() for k, v in self.mask.items()}
+        if how == "dead":
+            zero = self.params.group_norms() == 0
+            for s in self.ato.zigs.prunable:
+                if s.index in self.gated:
+                    dead = zero[torch.as_tensor(s.components, device=zero.device)].to(mask[s.index].device)
+                    mask[s.index] = torch.where(dead, 0.0, mask[s.index])
+        gated = self._never_empty({k: mask[k] for k in self.gated})
+        if self.config.round_to > 1:
+            logits = self.controller()
+            for k, m in gated.items():
+                n = rounded_count(int(m.sum()), len(m), self.config.round_to)
+                score = m.double() * 1e6 + logits[k].double()
+                gated[k] = torch.zeros_like(m).index_fill_(0, score.topk(n).indices, 1.0)
+        return self._full(gated)
 
     @torch.no_grad()
     def budget_mask(self) -> Masks:
@@ -411,8 +630,9 @@ class ATOTrainer:
         norms = self.params.group_norms()
         rel = {}
         for s in self.ato.zigs.prunable:
-            n = norms[torch.as_tensor(s.components, device=norms.device)]
-            rel[s.index] = n / n.mean().clamp_min(1e-12)
+            if s.index in self.gated:
+                n = norms[torch.as_tensor(s.components, device=norms.device)]
+                rel[s.index] = n / n.mean().clamp_min(1e-12)
         return self._threshold_for_target(rel)
 
     def _threshold_for_target(self, scores: dict[int, Tensor]) -> Masks:
@@ -439,7 +659,7 @@ class ATOTrainer:
                 lo = mid
             else:
                 hi = mid
-        return {k: v.to(self.device, torch.float32) for k, v in mask_at(hi).items()}
+        return self._full({k: v.to(self.device, torch.float32) for k, v in mask_at(hi).items()})
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self, n_batches: int) -> dict[str, Any]:
@@ -459,6 +679,7 @@ class ATOTrainer:
             "epoch": self.state.epoch,
             "frozen": self.state.frozen,
             "history": self.state.history,
+            "ever_dropped": self.ever_dropped.clone(),
             "generator": self.generator.get_state(),
             "rng": distributed.gather_objects(ckpt.rng_state()),  # one per rank: each resumes its own streams
         }
@@ -472,6 +693,9 @@ class ATOTrainer:
         self.controller_opt.load_state_dict(saved["controller_opt"])
         self.mask = {int(k): v.to(self.device) for k, v in saved["mask"].items()}
         self.state = TrainState(saved["epoch"], saved["frozen"], list(saved["history"]))
+        self.ever_dropped = saved["ever_dropped"].clone()
+        if self.config.projection == "hsp":
+            self.params.remember_()  # the loaded weights are the point before the next step, as in the saved run
         self.generator.set_state(saved["generator"])
         ckpt.set_rng_state(saved["rng"][distributed.current().rank])
 
@@ -671,6 +895,9 @@ def fit(
             "controller_loss": sum(c["controller_loss"] for c in ctrl) / len(ctrl) if ctrl else None,
             "mask_bits_changed": int(sum(int((trainer.mask[k] != before[k]).sum()) for k in before)),
             "mask_frozen": info["frozen"],
+            "zigs_dropped": info["zigs_dropped"],
+            "zigs_zero": info["zigs_zero"],
+            "zigs_revived": info["zigs_revived"],
             "lr": float(optimizer.param_groups[0]["lr"]),
         }
         if ranks.parallel:
@@ -701,6 +928,7 @@ def _epoch_line(r: dict[str, Any]) -> str:
     if "val_accuracy" in r:
         parts.append(f"val {r['val_accuracy']:.1f}%")
     parts.append(f"FLOPs kept {r['flops_kept']:.3f}")
+    parts.append(f"ZIGs dropped/zero/revived {r['zigs_dropped']}/{r['zigs_zero']}/{r['zigs_revived']}")
     if r["controller_loss"] is not None:
         parts.append(f"ctrl {r['controller_loss']:.3f}")
     if r["mask_frozen"]:

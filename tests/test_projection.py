@@ -170,14 +170,45 @@ def test_half_space_both_branches(tiny):
     assert w[1] == pytest.approx(0.48) and b[1] == pytest.approx(0.64)
 
 
-def test_half_space_with_eps_zero_is_the_prox(mixed):
+def test_half_space_with_eps_zero_and_no_step_in_between_is_the_prox(mixed):
     _, p_hsp, hsp = clone(mixed)
     _, p_prox, prox = clone(mixed)
     lam = torch.rand(hsp.n_zigs, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4
-    hsp.half_space_project_(lam, lr=0.1)
+    hsp.half_space_project_(lam, lr=0.1, eps=0.0)
     prox.proximal_group_lasso_(lam, lr=0.1)
     assert_same_params(p_hsp, p_prox)
     assert (hsp.group_norms() == 0).sum() > 0  # some groups crossed
+
+
+def test_half_space_tests_the_trial_point_against_the_point_before_the_step(tiny):
+    """OTO's rule, not the prox: a group the optimiser's step pulled to 5% of its norm is zeroed (the trial point
+    left the half-space x~ . x >= 0.1 ||x||^2), while the prox, seeing only the new small group, keeps it."""
+    _, p_hsp, hsp = clone(tiny)
+    _, p_prox, prox = clone(tiny)
+    hsp.remember_()  # x_k: group 1 has norm 1
+    for params in (p_hsp, p_prox):
+        with torch.no_grad():  # the optimiser's step: group 1 to 0.05 of itself (norm 0.05)
+            params["conv.weight"][1] *= 0.05
+            params["conv.bias"][1] *= 0.05
+    lam = tiny_lams(hsp, tiny, 0.0, 0.1)  # lr * lam = 0.01 on group 1
+    hsp.half_space_project_(lam, lr=0.1, eps=0.1)
+    prox.proximal_group_lasso_(lam, lr=0.1)
+    w_h, b_h = conv_values(p_hsp)
+    w_p, b_p = conv_values(p_prox)
+    assert w_h[1] == 0.0 and b_h[1] == 0.0  # trial = 0.05 x - 0.01 x: 0.04 ||x||^2 < 0.1 ||x||^2
+    assert w_p[1] == pytest.approx(0.6 * 0.05 * 0.8) and b_p[1] == pytest.approx(0.8 * 0.05 * 0.8)  # 1 - 0.01/0.05
+    assert w_h[0] == w_p[0] == 3.0  # lam 0: untouched by both
+
+
+def test_half_space_takes_the_trial_step_along_the_previous_point(tiny):
+    _, params, zp = clone(tiny)
+    zp.remember_()
+    with torch.no_grad():  # the step moved group 1 sideways: (0.6, 0.8) -> (0.8, 0.6), same norm
+        params["conv.weight"][1] = 0.8
+        params["conv.bias"][1] = 0.6
+    zp.half_space_project_(tiny_lams(zp, tiny, 0.0, 1.0), lr=0.2, eps=0.1)  # step 0.2 along x_k / ||x_k||
+    w, b = conv_values(params)
+    assert w[1] == pytest.approx(0.8 - 0.2 * 0.6) and b[1] == pytest.approx(0.6 - 0.2 * 0.8)
 
 
 def test_lambda_zero_leaves_everything_bit_identical(mixed):

@@ -402,7 +402,7 @@ def test_custom_loop_hooks(data):
     assert in_window == [True] * 6 + [False] * 6
     assert all(s == {} for group in steps[6:] for s in group)
     assert [i["frozen"] for i in infos] == [False, True, True, True]
-    assert all(set(i) == {"frozen", "flops_kept"} for i in infos)
+    assert all(set(i) == {"frozen", "flops_kept", "zigs_dropped", "zigs_zero", "zigs_revived"} for i in infos)
     assert infos[-1]["flops_kept"] == pytest.approx(ato.flops(ato.mask) / ato.flops())
     assert ato.mask.kept_fraction() < 1.0
     assert all(torch.count_nonzero(t) == 0 for t in dropped_out_slices(ato)[0])
