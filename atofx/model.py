@@ -362,7 +362,7 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
 
 def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
     """Zero the ZIG parameters ("out" slices) of every dropped ZIG, in place."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for s in zigs.slices:
             if s.role != "out":

@@ -67,6 +67,7 @@ class ChannelFacts:
     flops: dict[str, NodeFlops] = field(default_factory=dict)
     literal_channel_args: dict[str, str] = field(default_factory=dict)  # node -> what is hard-coded
     graph_inputs: dict[str, list[str]] = field(default_factory=dict)  # node with a layout -> nodes feeding it
+    aliases: dict[str, str] = field(default_factory=dict)  # second name of a shared tensor -> its first name
     _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)
@@ -84,6 +85,11 @@ class ChannelFacts:
                     if src_lays:
                         self._graph.add_edge((src, src_lays[0].dim), (name, lays[0].dim))
         return self._graph
+
+    def tensor_name(self, module: str, name: str) -> str:
+        """The first name of the parameter or buffer `module.name`: one tensor shared by two modules has one."""
+        full = f"{module}.{name}" if module else name
+        return self.aliases.get(full, full)
 
     def fresh(self, n: int) -> np.ndarray:
         ids = np.arange(self.n_elements, self.n_elements + n, dtype=np.int64)
@@ -262,7 +268,7 @@ class ChannelDependencyPass:
         self._lookup = lookup_rule
 
     def run(self) -> ChannelFacts:
-        facts = ChannelFacts()
+        facts = ChannelFacts(aliases=tensor_aliases(self.root))
         modules = Submodules(self.root)
         for node in self.graph.nodes:
             module = modules(str(node.target)) if node.op == "call_module" else None
@@ -298,6 +304,18 @@ class ChannelDependencyPass:
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
         return out
+
+
+def tensor_aliases(root: nn.Module) -> dict[str, str]:
+    """Every further name of a parameter or buffer reachable by several names -> its first name (the one
+    `named_parameters()` lists)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        known = first.setdefault(id(t), name)
+        if known != name:
+            aliases[name] = known
+    return aliases
 
 
 def _graph_inputs(node: fx.Node) -> list[str]:

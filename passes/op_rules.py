@@ -253,6 +253,11 @@ def conv(ctx: RuleContext) -> Any:
         weight_shape = ctx.shape(ctx.arg(1, "weight"))
         groups = ctx.arg(6, "groups", 1)
         ref = _weight_ref(ctx, ctx.arg(1, "weight"), ctx.arg(2, "bias"))
+        in_shape = ctx.shape(x)
+        if isinstance(groups, fx.Node) and in_shape is not None and weight_shape is not None:
+            groups = int(in_shape[1]) // int(weight_shape[1])  # computed from the input: it follows the pruning
+        elif isinstance(groups, int) and groups > 1:
+            ctx.literal_channels("groups")
     out_shape = ctx.out_shape
     if out_shape is None or weight_shape is None or isinstance(groups, fx.Node):
         return ctx.fresh_like_output("convolution with unknown shapes")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -142,7 +143,38 @@ def prune_copy(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> nn.Modu
     """A deep copy of `model` with every dropped ZIG's channels removed."""
     small = copy.deepcopy(model)
     remove_channels(small, zigs.dropped_indices(keep_comp))
+    _retie(small, zigs.facts.aliases)
     return small
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Each layer sharing a tensor sliced its own copy of it (the same rows, unions made sure): point every
+    further name back at the first name's tensor, so the pruned model shares it as the original did."""
+    for alias, first in aliases.items():
+        owner_path, _, name = alias.rpartition(".")
+        source_path, _, source_name = first.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        source = model.get_submodule(source_path) if source_path else model
+        tensor = getattr(source, source_name)
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, name, tensor)
+        else:
+            owner.register_buffer(name, tensor, persistent=name not in owner._non_persistent_buffers_set)
+
+
+_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _patch_groups(node: fx.Node, lay: object, kept: Callable[[ChannelLayout], np.ndarray]) -> bool:
+    """A functional grouped conv's literal `groups` becomes the number of whole groups kept."""
+    old = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(lay, ChannelLayout) or not isinstance(old, int) or old <= 1:
+        return False
+    new = int(kept(lay).sum()) // (lay.width // old)
+    if new == old:
+        return False
+    node.update_arg(6, new) if len(node.args) > 6 else node.update_kwarg("groups", new)
+    return True
 
 
 def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> fx.GraphModule | None:
@@ -184,6 +216,8 @@ def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp
                     items[pos] = new
                     node.update_arg(1, tuple(items) if isinstance(index, tuple) else items[0])
                     changed = True
+        elif node.target in _FUNCTIONAL_CONVS:
+            changed |= _patch_groups(node, layouts.get(node.args[0].name), kept)
         elif node.op == "call_method" and node.target in ("view", "reshape") and isinstance(out, ChannelLayout):
             old_width, new_width = out.width, int(kept(out).sum())
             if old_width != new_width:

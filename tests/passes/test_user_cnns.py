@@ -1,0 +1,99 @@
+"""User-written CNN constructs the zoo lacks: tied weights, functional grouped convs, training-mode layers,
+several inputs and structured outputs. Each is compiled, masked and pruned exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from atofx.passes.equivalence import relative_difference, run_eval
+from torch import nn
+
+import atofx
+from atofx.projection import ZIGParams
+
+TOL = 1e-5
+
+
+def _masked_and_pruned(model: nn.Module, inputs: tuple, keep: float = 0.5, seed: int = 0):
+    """Compile, mask a copy in place and prune: (ato, masked copy, pruned model)."""
+    ato = atofx.compile(model, inputs)
+    mask = ato.random_mask(keep=keep, seed=seed)
+    masked = copy.deepcopy(model)
+    atofx.compile(masked, inputs).apply_mask(mask)
+    small = ato.prune(mask)
+    assert relative_difference(run_eval(masked, inputs), run_eval(small, inputs)) <= TOL
+    return ato, masked, small
+
+
+class TiedConvs(nn.Module):
+    """A conv and a transposed conv share one weight (a tied autoencoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 6, 3, padding=1)
+        self.dec = nn.ConvTranspose2d(6, 8, 3, padding=1)
+        self.dec.weight = self.mid.weight
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.mid(torch.relu(self.enc(x))))
+        return self.head(torch.relu(self.dec(y)) + torch.relu(self.enc(x)))
+
+
+def test_a_weight_shared_by_two_layers_is_masked_and_pruned_as_one_tensor():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    ato, _, small = _masked_and_pruned(TiedConvs(), (x,))
+    # the shared weight's input dim is enc's channels and dec's outputs: one space
+    assert any({"enc", "dec"} <= set(s.producers) for s in ato.zigs.prunable)
+    assert small.dec.weight is small.mid.weight
+    assert small.mid.weight.shape[0] < 6 and small.mid.weight.shape[1] < 8
+
+
+def test_the_projection_indexes_a_shared_weight_once_under_either_name():
+    torch.manual_seed(0)
+    ato = atofx.compile(TiedConvs(), torch.randn(1, 3, 8, 8))
+    names = ZIGParams.of(ato).names
+    assert "dec.weight" in names  # its out-slice is dec's output channels
+    assert len(names) == len(set(names))
+
+
+class BlurPool(nn.Module):
+    """A depthwise blur written functionally, as timm's BlurPool2d: a fixed filter buffer, `groups` a literal
+    or computed from the input."""
+
+    def __init__(self, channels: int, literal: bool):
+        super().__init__()
+        self.channels, self.literal = channels, literal
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("filt", (taps[:, None] * taps[None, :] / 16).expand(channels, 1, 3, 3).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.channels if self.literal else x.shape[1]
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), "reflect"), self.filt, stride=2, groups=groups)
+
+
+class BlurNet(nn.Module):
+    def __init__(self, literal: bool):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.blur = BlurPool(8, literal)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.blur(torch.relu(self.bn(self.a(x)))))
+
+
+@pytest.mark.parametrize("literal", [True, False])
+def test_a_functional_depthwise_conv_prunes_with_its_groups_following(literal: bool):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    ato, _, small = _masked_and_pruned(BlurNet(literal).eval(), (x,))
+    space = next(s for s in ato.zigs.prunable if "a" in s.producers)
+    assert "blur" in space.producers  # the filter rows go with the channels
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in BlurNet(literal).parameters())
