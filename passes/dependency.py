@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channel_layout import ChannelLayout, layouts_in
+from .tracing import EVAL_IDENTITY
 
 Role = Literal["out", "in"]
 
@@ -287,6 +288,8 @@ class ChannelDependencyPass:
         if node.op == "output":
             ctx.pin_inputs("model output")
             return None
+        if node.meta.get(EVAL_IDENTITY):  # a drop-path kept as a call: the identity in eval mode
+            return ctx.layout(node.args[0])
         rule = self._lookup(self.rules, node, ctx.module)
         if rule is None:
             what = describe_target(node, self.root)

@@ -17,6 +17,21 @@ LeafSpec = type | str | nn.Module
 _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, type(None)})
 
 
+EVAL_IDENTITY = "atofx_eval_identity"  # node meta: a module kept as a call, the identity in eval mode
+
+
+class _TrainingFlag:
+    """Stands in for every module's `training` while tracing: False to Python (the graph is the eval one), and
+    an argument that follows the traced module's own mode (`F.dropout(x, p, self.training)` stays a dropout)."""
+
+    def __init__(self) -> None:
+        self.reads = 0  # times Python branched on it
+
+    def __bool__(self) -> bool:
+        self.reads += 1
+        return False
+
+
 class _PathTracer(fx.Tracer):
     """An fx Tracer that knows which submodule it is inside and keeps user leaf modules opaque."""
 
@@ -29,6 +44,8 @@ class _PathTracer(fx.Tracer):
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
         self._param_names: dict[int, str] | None = None
+        self.flag = _TrainingFlag()
+        self._mode_node: fx.Node | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -46,7 +63,23 @@ class _PathTracer(fx.Tracer):
         table, which nothing in atofx reads (about 15% of tracing time on the mobile nets)."""
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """Trace with every module's `training` replaced by the flag, restored afterwards."""
+        modules = list(root.modules()) if isinstance(root, nn.Module) else []
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.training = self.flag
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.training = mode
+
     def create_arg(self, a: Any) -> Any:
+        if a is self.flag:  # read at run time from the traced module: it follows .train() and .eval()
+            if self._mode_node is None:
+                self._mode_node = self.create_node("get_attr", "training", (), {})
+            return self._mode_node
         if type(a) in _PLAIN_ARGS:  # the common case (a proxy, a tuple of them, a literal): skip those checks
             return fx.proxy.TracerBase.create_arg(self, a)
         return super().create_arg(a)
@@ -65,14 +98,34 @@ class _PathTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.path_stack.append(self.path_of_module(m))
+        reads, last = self.flag.reads, self.graph._root.prev
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            if self.flag.reads > reads and args and out is args[0] and not kwargs and self.path_stack[-1]:
+                return self._as_call(last, args)
+            return out
         except Exception:
             if self.failed_in is None:
                 self.failed_in = self.path_stack[-1]
             raise
         finally:
             self.path_stack.pop()
+
+
+    def _as_call(self, last: fx.Node, args: tuple) -> Any:
+        """A module that branched on `self.training` and is the identity in eval mode (a drop-path): its
+        train-mode work is lost to the eval trace, so it is kept as one call that runs its own forward."""
+        made = []
+        node = self.graph._root.prev
+        while node is not last:
+            made.append(node)
+            node = node.prev
+        for node in made:  # newest first: what the identity forward computed and never used
+            if not node.users:
+                self.graph.erase_node(node)
+        proxy = self.create_proxy("call_module", self.path_stack[-1], args, {})
+        proxy.node.meta[EVAL_IDENTITY] = True
+        return proxy
 
 
 _CONSTRUCTS = (

@@ -97,3 +97,61 @@ def test_a_functional_depthwise_conv_prunes_with_its_groups_following(literal: b
     space = next(s for s in ato.zigs.prunable if "a" in s.producers)
     assert "blur" in space.producers  # the filter rows go with the channels
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in BlurNet(literal).parameters())
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """timm's drop_path: the identity in eval mode, a per-sample Bernoulli scale in training."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep.div_(1 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _drop_path(x, self.p, self.training)
+
+
+class StochasticNet(nn.Module):
+    """A residual block with drop-path, a functional dropout and a blur whose `groups` literal forces a rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop_path = DropPath(0.5)
+        self.blur = BlurPool(8, literal=True)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        x = x + self.drop_path(torch.relu(self.b(x)))
+        return self.head(self.blur(F.dropout(x, 0.3, self.training)))
+
+
+def test_a_rewritten_pruned_graph_keeps_dropout_and_drop_path_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = StochasticNet().train()
+    _, masked, small = _masked_and_pruned(model, (x,))  # eval outputs equal the masked model's
+    assert isinstance(small, torch.fx.GraphModule)
+    assert model.training  # compile and prune leave the user's mode alone
+    small.train()
+    assert not torch.equal(small(x), small(x))  # dropout and drop-path are live
+    small.eval()
+    assert torch.equal(small(x), small(x))
+    with torch.no_grad():
+        assert relative_difference(run_eval(masked, (x,)), small(x)) <= TOL
+
+
+def test_compiling_in_train_mode_finds_the_spaces_of_eval_mode():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    spaces = {mode: [(s.name, s.pinned) for s in atofx.compile(getattr(StochasticNet(), mode)(), x).spaces]
+              for mode in ("train", "eval")}
+    assert spaces["train"] == spaces["eval"]
+    assert sum(not pinned for _, pinned in spaces["train"]) >= 1  # the residual stream through the drop-path
