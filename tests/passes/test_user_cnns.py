@@ -155,3 +155,48 @@ def test_compiling_in_train_mode_finds_the_spaces_of_eval_mode():
               for mode in ("train", "eval")}
     assert spaces["train"] == spaces["eval"]
     assert sum(not pinned for _, pinned in spaces["train"]) >= 1  # the residual stream through the drop-path
+
+
+class TwoInputsDictOut(nn.Module):
+    """Two image inputs fused, a dict of outputs (a detection-style head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb = nn.Conv2d(3, 8, 3, padding=1)
+        self.depth = nn.Conv2d(1, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.cls = nn.Conv2d(8, 5, 1)
+        self.box = nn.Conv2d(8, 4, 1)
+
+    def forward(self, image: torch.Tensor, depth: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = torch.relu(self.mix(torch.relu(self.rgb(image) + self.depth(depth))))
+        return {"cls": self.cls(y), "box": self.box(y)}
+
+
+class FeaturePyramid(nn.Module):
+    """A backbone returning a list of feature maps at three scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+                                    for c_in, c_out in ((3, 8), (8, 12), (12, 16)))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, 6, 1) for c in (8, 12, 16))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage, lateral in zip(self.stages, self.lateral, strict=True):
+            x = torch.relu(stage(x))
+            features.append(lateral(x))
+        return features
+
+
+@pytest.mark.parametrize("make", [TwoInputsDictOut, FeaturePyramid])
+def test_several_inputs_and_structured_outputs_prune_exactly(make):
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16)) if make is TwoInputsDictOut else (
+        torch.randn(2, 3, 16, 16),)
+    ato, _, small = _masked_and_pruned(make().eval(), inputs)
+    assert ato.zigs.prunable
+    out = run_eval(small, inputs)
+    assert isinstance(out, dict if make is TwoInputsDictOut else list)
+    assert ato.flops(ato.random_mask(0.5)) < ato.flops()
