@@ -54,6 +54,7 @@ class NodeFlops:
     node: str
     scaling: Literal["in*out", "out", "const"]
     input: str | None = None
+    share: float = 1.0  # the part of the node's FLOPs that scales; the rest is constant
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ChannelFacts:
     literal_channel_args: dict[str, str] = field(default_factory=dict)  # node -> what is hard-coded
     graph_inputs: dict[str, list[str]] = field(default_factory=dict)  # node with a layout -> nodes feeding it
     aliases: dict[str, str] = field(default_factory=dict)  # second name of a shared tensor -> its first name
+    group_norms: dict[str, np.ndarray] = field(default_factory=dict)  # GroupNorm path -> element ids of its input
     _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)
@@ -213,9 +215,9 @@ class RuleContext:
             return owner, attr, isinstance(getattr(mod, attr, None), nn.Parameter)
         return None
 
-    def counts_flops(self, scaling: Literal["in*out", "out", "const"], input: Any = None) -> None:
+    def counts_flops(self, scaling: Literal["in*out", "out", "const"], input: Any = None, share: float = 1.0) -> None:
         src = input.name if isinstance(input, fx.Node) else None
-        self.facts.flops[self.name] = NodeFlops(self.name, scaling, src)
+        self.facts.flops[self.name] = NodeFlops(self.name, scaling, src, share)
 
     def literal_channels(self, what: str) -> None:
         self.facts.literal_channel_args[self.name] = what
