@@ -384,6 +384,8 @@ def compile(
     if not isinstance(model, nn.Module):
         raise AtofxError(f"atofx.compile expects an nn.Module, got {type(model).__name__}.")
     options = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    if example_inputs is not None:  # lets code that branches on input shapes trace, specialised to them
+        options["example_inputs"] = _as_tuple(example_inputs)
     ato = ATOModel(model, trace_graph(model, **options), options)
     if example_inputs is not None:
         ato.analyze(example_inputs)
