@@ -71,6 +71,7 @@ class ChannelFacts:
     graph_inputs: dict[str, list[str]] = field(default_factory=dict)  # node with a layout -> nodes feeding it
     aliases: dict[str, str] = field(default_factory=dict)  # second name of a shared tensor -> its first name
     group_norms: dict[str, np.ndarray] = field(default_factory=dict)  # GroupNorm path -> element ids of its input
+    contractions: list[str] = field(default_factory=list)  # products summing over their first argument's channels
     _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)

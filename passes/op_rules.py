@@ -806,7 +806,7 @@ def roll(ctx: RuleContext) -> Any:
     if len(on_channels) > 1:
         return _pinned_passthrough(ctx, lay, "roll over the channel dim twice")
     shift = sum(on_channels)
-    if shift % lay.width == 0:
+    if shift == 0:
         return lay
     ctx.literal_channels("roll shift")
     return ChannelLayout(lay.dim, np.roll(lay.ids, shift), np.roll(lay.zero, shift))
@@ -904,6 +904,7 @@ def matmul(ctx: RuleContext) -> Any:
     role_b = None if lb is None else ("col" if lb.dim == len(sb) - 1 else "k" if lb.dim == len(sb) - 2 else "batch")
     if role_a == "k" and role_b == "k":
         _contracted(ctx, la, lb)
+        ctx.facts.contractions.append(ctx.name)
         ctx.counts_flops("in*out", a)
         return None
     if role_a == "batch" or role_b == "batch":

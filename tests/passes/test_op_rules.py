@@ -1381,7 +1381,8 @@ def _prunes_exactly(ato: ATOModel) -> nn.Module:
     (lambda x: torch.roll(x, 3, 1), 3, cover(torch.roll)),
     (lambda x: x.roll(-2, dims=1), -2, cover(Method("roll"))),
     (lambda x: x.roll((1, 5), (2, -3)), 5, (Method("roll"),)),
-], ids=["torch.roll", ".roll", ".roll-two-dims"])
+    (lambda x: torch.roll(x, 8, 1), 8, (torch.roll,)),  # the identity, until pruning makes the width 4
+], ids=["torch.roll", ".roll", ".roll-two-dims", "torch.roll-by-the-width"])
 def test_roll_over_channels_is_a_fixed_rotation(op: Callable, shift: int, keys: tuple) -> None:
     ato = analyse(Sandwich(op), SHAPES[2], keys)
     sp = space(ato, "conv1")
