@@ -173,7 +173,7 @@ class _ShapeTracer(_PathTracer):
 
     def __init__(self, leaf_modules: Iterable[LeafSpec], example_inputs: tuple):
         super().__init__(leaf_modules)
-        self.inputs = list(example_inputs)
+        self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs]  # in-place ops
         self.values: dict[fx.Node, Any] = {}
         self.static: set[fx.Node] = set()
         self._fold = 0
