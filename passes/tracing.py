@@ -24,15 +24,16 @@ EVAL_IDENTITY = "atofx_eval_identity"  # node meta: a module kept as a call, the
 
 
 class _TrainingFlag:
-    """Stands in for every module's `training` while tracing: False to Python (the graph is the eval one), and
-    an argument that follows the traced module's own mode (`F.dropout(x, p, self.training)` stays a dropout)."""
+    """Stands in for a module's `training` while tracing: to Python it is the module's mode (or False while the
+    tracer probes eval mode); as an argument it becomes a read of the GraphModule's own `training`, so
+    `F.dropout(x, p, self.training)` follows `.train()` and `.eval()` of the traced graph."""
 
-    def __init__(self) -> None:
-        self.reads = 0  # times Python branched on it
+    def __init__(self, tracer: _PathTracer, mode: bool) -> None:
+        self.tracer, self.mode = tracer, mode
 
     def __bool__(self) -> bool:
-        self.reads += 1
-        return False
+        self.tracer.flag_reads += 1
+        return self.mode and not self.tracer.probing_eval
 
 
 class _PathTracer(fx.Tracer):
@@ -47,8 +48,10 @@ class _PathTracer(fx.Tracer):
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
         self._param_names: dict[int, str] | None = None
-        self.flag = _TrainingFlag()
+        self.flag_reads = 0  # times Python branched on a training flag
+        self.probing_eval = False
         self._mode_node: fx.Node | None = None
+        self._param_cache: dict[str, Any] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if (
@@ -67,11 +70,11 @@ class _PathTracer(fx.Tracer):
         return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """Trace with every module's `training` replaced by the flag, restored afterwards."""
+        """Trace with every module's `training` replaced by a stand-in flag, restored afterwards."""
         modules = list(root.modules()) if isinstance(root, nn.Module) else []
         modes = [m.training for m in modules]
-        for m in modules:
-            m.training = self.flag
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = _TrainingFlag(self, mode)
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -79,7 +82,7 @@ class _PathTracer(fx.Tracer):
                 m.training = mode
 
     def create_arg(self, a: Any) -> Any:
-        if a is self.flag:  # read at run time from the traced module: it follows .train() and .eval()
+        if isinstance(a, _TrainingFlag):  # read at run time from the traced module: it follows .train() and .eval()
             if self._mode_node is None:
                 self._mode_node = self.create_node("get_attr", "training", (), {})
             return self._mode_node
@@ -94,6 +97,7 @@ class _PathTracer(fx.Tracer):
                 self._param_names = {id(p): name for name, p in self.root.named_parameters()}
             name = self._param_names.get(id(attr_val))
             if name is not None:
+                self._param_cache = parameter_proxy_cache  # a probe's erased nodes leave it
                 if name not in parameter_proxy_cache:
                     parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
                 return parameter_proxy_cache[name]
@@ -101,10 +105,12 @@ class _PathTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.path_stack.append(self.path_of_module(m))
-        reads, last = self.flag.reads, self.graph._root.prev
+        reads, last = self.flag_reads, self.graph._root.prev
         try:
             out = super().call_module(m, forward, args, kwargs)
-            if self.flag.reads > reads and args and out is args[0] and not kwargs and self.path_stack[-1]:
+            if self.flag_reads == reads or not args or kwargs or not self.path_stack[-1]:
+                return out
+            if out is args[0] or self._eval_identity(m, forward, args):
                 return self._as_call(last, args)
             return out
         except Exception:
@@ -115,17 +121,43 @@ class _PathTracer(fx.Tracer):
             self.path_stack.pop()
 
 
-    def _as_call(self, last: fx.Node, args: tuple) -> Any:
-        """A module that branched on `self.training` and is the identity in eval mode (a drop-path): its
-        train-mode work is lost to the eval trace, so it is kept as one call that runs its own forward."""
+    def _eval_identity(self, m: nn.Module, forward: Any, args: tuple) -> bool:
+        """Traced in train mode, is `m` the identity in eval mode? Its forward is traced again with every flag
+        False; what that probe recorded is erased."""
+        if not getattr(m.training, "mode", False) or self.probing_eval:
+            return False
+        last = self.graph._root.prev
+        self.probing_eval = True
+        try:
+            probe = forward(*args)
+        except Exception:  # the eval form does not trace: keep the train form
+            probe = None
+        finally:
+            self.probing_eval = False
+            self._erase_after(last, unused_only=False)
+        return probe is args[0]
+
+    def _erase_after(self, last: fx.Node, unused_only: bool = True) -> None:
+        """Erase the nodes recorded after `last` (those nothing uses, with `unused_only`), newest first."""
         made = []
         node = self.graph._root.prev
         while node is not last:
             made.append(node)
             node = node.prev
-        for node in made:  # newest first: what the identity forward computed and never used
-            if not node.users:
+        for node in made:
+            if not unused_only or not node.users:
                 self.graph.erase_node(node)
+        gone = set(made) - set(self.graph.nodes)
+        if self._mode_node in gone:
+            self._mode_node = None
+        for name, proxy in list(self._param_cache.items()):
+            if proxy.node in gone:
+                del self._param_cache[name]
+
+    def _as_call(self, last: fx.Node, args: tuple) -> Any:
+        """A module that branched on `self.training` and is the identity in eval mode (a drop-path): its
+        train-mode work is not in the analysed graph, so it is kept as one call that runs its own forward."""
+        self._erase_after(last)  # what its forward computed and nothing uses
         proxy = self.create_proxy("call_module", self.path_stack[-1], args, {})
         proxy.node.meta[EVAL_IDENTITY] = True
         return proxy
@@ -260,7 +292,7 @@ class _ShapeTracer(_PathTracer):
         return graph
 
     def _run(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        flag_reads = self.flag.reads
+        flag_reads = self.flag_reads
         modes = []
         self._evaluating = True
         try:
@@ -285,7 +317,7 @@ class _ShapeTracer(_PathTracer):
             self._evaluating = False
             for m, mode in modes:
                 m.training = mode
-            self.flag.reads = flag_reads  # the example run's own reads are not the traced code's
+            self.flag_reads = flag_reads  # the example run's own reads are not the traced code's
 
 
 def _is_layer_subclass(m: nn.Module) -> bool:

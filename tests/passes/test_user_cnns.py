@@ -200,3 +200,39 @@ def test_several_inputs_and_structured_outputs_prune_exactly(make):
     out = run_eval(small, inputs)
     assert isinstance(out, dict if make is TwoInputsDictOut else list)
     assert ato.flops(ato.random_mask(0.5)) < ato.flops()
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: batch statistics chosen by a Python branch on `self.training`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_stats = True if self.training else self.running_mean is None
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, 0.1, self.eps)
+        return torch.relu(x)
+
+
+class NormActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = BatchNormAct(8)
+        self.drop_path = DropPath(0.5)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.a(x))
+        return self.b(y + self.drop_path(y))
+
+
+def test_compiled_in_train_mode_the_graph_keeps_a_python_branch_on_training_in_its_train_form():
+    """The graph ATO trains is traced in the model's mode: batch statistics while training, the drop-path
+    found to be the identity in eval mode kept as a call."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = NormActNet().train()
+    ato = atofx.compile(model, x)
+    assert any(n.meta.get("atofx_eval_identity") for n in ato.graph.nodes)
+    assert any(n.target is F.batch_norm and n.kwargs.get("training") is True for n in ato.graph.nodes)
+    model.drop_path.p = ato.graph_module.drop_path.p = 0.0  # deterministic: compare batch statistics alone
+    reference = copy.deepcopy(model)
+    assert torch.allclose(ato.graph_module.train()(x), reference(x), atol=1e-6)
