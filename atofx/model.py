@@ -368,7 +368,7 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
 
 def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
     """Zero the ZIG parameters ("out" slices) of every dropped ZIG, in place."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for s in zigs.slices:
             if s.role != "out":
@@ -390,6 +390,8 @@ def compile(
     if not isinstance(model, nn.Module):
         raise AtofxError(f"atofx.compile expects an nn.Module, got {type(model).__name__}.")
     options = {"leaf_modules": tuple(leaf_modules), "concrete_args": concrete_args}
+    if example_inputs is not None:  # lets code that branches on input shapes trace, specialised to them
+        options["example_inputs"] = _as_tuple(example_inputs)
     ato = ATOModel(model, trace_graph(model, **options), options)
     if example_inputs is not None:
         ato.analyze(example_inputs)

@@ -74,7 +74,7 @@ class ZIGParams:
         self.n_zigs = len(zigs.comp_space)
         prunable = ~np.array([s.pinned for s in zigs.spaces], dtype=bool)[zigs.comp_space]
         found: list[tuple[str, Tensor, int, np.ndarray]] = []
-        seen: set[tuple[str, int, bytes]] = set()
+        seen: set[tuple[int, int, bytes]] = set()  # one tensor may have several names (a weight shared by two layers)
         for s in zigs.slices:
             name = f"{s.module}.{s.name}" if s.module else s.name
             if s.role != "out" or name not in params:
@@ -84,7 +84,7 @@ class ZIGParams:
                 raise AtofxError(f"slice {name} dim {s.dim} has {len(s.ids)} channels, the parameter {p.shape[s.dim]}.")
             comp = zigs.labels[s.ids]
             zig = np.where(prunable[comp], comp, self.n_zigs)
-            key = (name, s.dim, zig.tobytes())
+            key = (id(p), s.dim, zig.tobytes())
             if (zig == self.n_zigs).all() or key in seen:
                 continue
             seen.add(key)
@@ -117,7 +117,7 @@ class ZIGParams:
     @classmethod
     def of(cls, ato: ATOModel) -> ZIGParams:
         """The index over a compiled model's own parameters."""
-        return cls(ato.zigs, dict(ato.graph_module.named_parameters()))
+        return cls(ato.zigs, dict(ato.graph_module.named_parameters(remove_duplicate=False)))
 
     @property
     def names(self) -> list[str]:

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channel_layout import ChannelLayout, layouts_in
+from .tracing import EVAL_IDENTITY
 
 Role = Literal["out", "in"]
 
@@ -53,6 +54,7 @@ class NodeFlops:
     node: str
     scaling: Literal["in*out", "out", "const"]
     input: str | None = None
+    share: float = 1.0  # the part of the node's FLOPs that scales; the rest is constant
 
 
 @dataclass
@@ -67,6 +69,9 @@ class ChannelFacts:
     flops: dict[str, NodeFlops] = field(default_factory=dict)
     literal_channel_args: dict[str, str] = field(default_factory=dict)  # node -> what is hard-coded
     graph_inputs: dict[str, list[str]] = field(default_factory=dict)  # node with a layout -> nodes feeding it
+    aliases: dict[str, str] = field(default_factory=dict)  # second name of a shared tensor -> its first name
+    group_norms: dict[str, np.ndarray] = field(default_factory=dict)  # GroupNorm path -> element ids of its input
+    contractions: list[str] = field(default_factory=list)  # products summing over their first argument's channels
     _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)
@@ -84,6 +89,11 @@ class ChannelFacts:
                     if src_lays:
                         self._graph.add_edge((src, src_lays[0].dim), (name, lays[0].dim))
         return self._graph
+
+    def tensor_name(self, module: str, name: str) -> str:
+        """The first name of the parameter or buffer `module.name`: one tensor shared by two modules has one."""
+        full = f"{module}.{name}" if module else name
+        return self.aliases.get(full, full)
 
     def fresh(self, n: int) -> np.ndarray:
         ids = np.arange(self.n_elements, self.n_elements + n, dtype=np.int64)
@@ -206,9 +216,9 @@ class RuleContext:
             return owner, attr, isinstance(getattr(mod, attr, None), nn.Parameter)
         return None
 
-    def counts_flops(self, scaling: Literal["in*out", "out", "const"], input: Any = None) -> None:
+    def counts_flops(self, scaling: Literal["in*out", "out", "const"], input: Any = None, share: float = 1.0) -> None:
         src = input.name if isinstance(input, fx.Node) else None
-        self.facts.flops[self.name] = NodeFlops(self.name, scaling, src)
+        self.facts.flops[self.name] = NodeFlops(self.name, scaling, src, share)
 
     def literal_channels(self, what: str) -> None:
         self.facts.literal_channel_args[self.name] = what
@@ -262,7 +272,7 @@ class ChannelDependencyPass:
         self._lookup = lookup_rule
 
     def run(self) -> ChannelFacts:
-        facts = ChannelFacts()
+        facts = ChannelFacts(aliases=tensor_aliases(self.root))
         modules = Submodules(self.root)
         for node in self.graph.nodes:
             module = modules(str(node.target)) if node.op == "call_module" else None
@@ -281,6 +291,8 @@ class ChannelDependencyPass:
         if node.op == "output":
             ctx.pin_inputs("model output")
             return None
+        if node.meta.get(EVAL_IDENTITY):  # a drop-path kept as a call: the identity in eval mode
+            return ctx.layout(node.args[0])
         rule = self._lookup(self.rules, node, ctx.module)
         if rule is None:
             what = describe_target(node, self.root)
@@ -298,6 +310,18 @@ class ChannelDependencyPass:
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
         return out
+
+
+def tensor_aliases(root: nn.Module) -> dict[str, str]:
+    """Every further name of a parameter or buffer reachable by several names -> its first name (the one
+    `named_parameters()` lists)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        known = first.setdefault(id(t), name)
+        if known != name:
+            aliases[name] = known
+    return aliases
 
 
 def _graph_inputs(node: fx.Node) -> list[str]:

@@ -68,7 +68,8 @@ class FlopsModel:
                 self.constant += flops
                 continue
             r_in = row(how.input) if how.scaling == "in*out" else -1
-            terms.append((flops, r_in, row(node.name)))
+            self.constant += flops * (1.0 - how.share)
+            terms.append((flops * how.share, r_in, row(node.name)))
         self.total = self.constant + sum(t[0] for t in terms)
         self._n_rows = len(rows)
         self._rows = torch.as_tensor(np.concatenate([np.full(len(x), i) for i, x in enumerate(rows)] or [[]]),

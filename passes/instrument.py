@@ -49,8 +49,10 @@ class MaskSlots:
 
 
 def _consumers(zigs: ZIGSet) -> dict[str, None]:
-    """Nodes whose weight reads input channels ("in" slices of a weight), in graph order."""
-    return {s.node: None for s in zigs.slices if s.role == "in" and s.name == "weight"}
+    """Nodes that sum over their first argument's channels: a weight reads them ("in" slices of a weight, an
+    RNN's input weights) or a matrix product contracts them."""
+    found = {s.node: None for s in zigs.slices if s.role == "in" and s.name.startswith("weight")}
+    return found | dict.fromkeys(zigs.facts.contractions)
 
 
 def instrument(gm: fx.GraphModule, zigs: ZIGSet) -> MaskSlots:

@@ -253,6 +253,11 @@ def conv(ctx: RuleContext) -> Any:
         weight_shape = ctx.shape(ctx.arg(1, "weight"))
         groups = ctx.arg(6, "groups", 1)
         ref = _weight_ref(ctx, ctx.arg(1, "weight"), ctx.arg(2, "bias"))
+        in_shape = ctx.shape(x)
+        if isinstance(groups, fx.Node) and in_shape is not None and weight_shape is not None:
+            groups = int(in_shape[1]) // int(weight_shape[1])  # computed from the input: it follows the pruning
+        elif isinstance(groups, int) and groups > 1:
+            ctx.literal_channels("groups")
     out_shape = ctx.out_shape
     if out_shape is None or weight_shape is None or isinstance(groups, fx.Node):
         return ctx.fresh_like_output("convolution with unknown shapes")
@@ -409,10 +414,16 @@ def group_norm(ctx: RuleContext) -> Any:
             return _pinned_passthrough(ctx, lay, "GroupNorm with computed parameters or parameters of several modules")
         owner = next((r[0] for r in refs if r), "")
         affine = tuple((r[1], r[2]) if r else None for r in refs)
-    if lay.dim != 1 or groups != lay.width:
-        return _pinned_passthrough(ctx, lay, "GroupNorm normalises across the channels of a group")
-    ctx.literal_channels("num_groups")
-    return _per_channel_norm(ctx, affine, (None, None), owner, zero_if_plain=True)
+    if lay.dim != 1 or isinstance(groups, fx.Node) or lay.width % groups or groups == 1:
+        return _pinned_passthrough(ctx, lay, "GroupNorm normalises across all channels or untracked groups")
+    by_group = lay.ids.reshape(groups, -1)  # a group's channels share statistics: they go as one
+    ctx.facts.union(by_group[:, :1], by_group)
+    if ctx.module is not None:  # its widths follow the channels kept, weights or not; a second call goes in step
+        ctx.facts.union(ctx.facts.group_norms.setdefault(owner, lay.ids), lay.ids)
+    else:
+        ctx.literal_channels("num_groups")
+    out = _per_channel_norm(ctx, affine, (None, None), owner, zero_if_plain=True)
+    return out.with_zero(np.repeat(out.zero.reshape(groups, -1).all(axis=1), lay.width // groups))
 
 
 def layer_norm(ctx: RuleContext) -> Any:
@@ -779,6 +790,153 @@ def getitem(ctx: RuleContext) -> Any:
     return result
 
 
+def roll(ctx: RuleContext) -> Any:
+    """A roll over channels is a fixed rotation: followed, its shift rewritten to the channels kept."""
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    nd = _ndim(ctx, x)
+    shifts, dims = ctx.arg(1, "shifts"), ctx.arg(2, "dims")
+    shifts = list(shifts) if isinstance(shifts, (tuple, list)) else [shifts]
+    dims = list(dims) if isinstance(dims, (tuple, list)) else [dims]
+    if dims == [None] or any(isinstance(v, fx.Node) for v in (*shifts, *dims)) or len(shifts) != len(dims):
+        return _pinned_passthrough(ctx, lay, "roll over a flattened tensor or by a computed shift")
+    on_channels = [int(sh) for sh, d in zip(shifts, dims, strict=True) if _norm_dim(int(d), nd) == lay.dim]
+    if len(on_channels) > 1:
+        return _pinned_passthrough(ctx, lay, "roll over the channel dim twice")
+    shift = sum(on_channels)
+    if shift == 0:
+        return lay
+    ctx.literal_channels("roll shift")
+    return ChannelLayout(lay.dim, np.roll(lay.ids, shift), np.roll(lay.zero, shift))
+
+
+def stack(ctx: RuleContext) -> Any:
+    """Stacked tensors (branch outputs) keep their channels side by side: each channel goes in every branch."""
+    tensors = ctx.arg(0, "tensors")
+    out_nd = len(ctx.out_shape or ())
+    if not isinstance(tensors, (tuple, list)) or not out_nd:
+        ctx.pin_inputs("stack of a tensor sequence that cannot be followed")
+        return ctx.fresh_like_output("stack of a tensor sequence that cannot be followed")
+    lays = [ctx.layout(t) for t in tensors]
+    tracked = [x for x in lays if x is not None]
+    if not tracked:
+        return None
+    at = _norm_dim(ctx.arg(1, "dim", 0), out_nd)
+    if any(x is None for x in lays) or len({(x.dim, x.width) for x in tracked}) > 1:
+        reason = "stack of tensors whose channels cannot be pruned together"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    lead = tracked[0]
+    for x in tracked[1:]:
+        ctx.facts.union(lead.ids, x.ids)
+    zero = np.logical_and.reduce([x.zero for x in tracked])
+    return ChannelLayout(lead.dim + (at <= lead.dim), lead.ids, zero)
+
+
+def pixel_shuffle(ctx: RuleContext) -> Any:
+    """PixelShuffle(r): each r*r block of input channels becomes one output channel; PixelUnshuffle the
+    reverse. Whole blocks go together, so both stay exact."""
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    m = ctx.module
+    target = type(m) if m is not None else ctx.node.target
+    unshuffle = target in (nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
+    r = (m.downscale_factor if unshuffle else m.upscale_factor) if m is not None else ctx.arg(
+        1, "downscale_factor" if unshuffle else "upscale_factor")
+    if isinstance(r, fx.Node) or lay.dim != _ndim(ctx, x) - 3 or (not unshuffle and lay.width % (r * r)):
+        return _pinned_passthrough(ctx, lay, "pixel shuffle over channels that cannot be followed")
+    if unshuffle:
+        return ChannelLayout(lay.dim, np.repeat(lay.ids, r * r), np.repeat(lay.zero, r * r))
+    blocks = lay.ids.reshape(-1, r * r)
+    ctx.facts.union(blocks[:, :1], blocks)
+    return ChannelLayout(lay.dim, blocks[:, 0].copy(), lay.zero.reshape(-1, r * r).all(axis=1))
+
+
+def recurrent(ctx: RuleContext) -> Any:
+    """RNN / GRU / LSTM: the input features (a conv's channels in a CRNN) are read by the first layer's
+    input weights, as a linear layer reads them; the hidden units are not followed (pinned)."""
+    m = ctx.module
+    x = ctx.arg(0, "input")
+    lay = ctx.layout(x)
+    reason = "hidden units of a recurrent layer"
+    out = ctx.fresh_like_output(reason)
+    if lay is None:
+        return out
+    owner = str(ctx.node.target)
+    if lay.dim != _ndim(ctx, x) - 1 or getattr(m, "proj_size", 0):
+        ctx.pin(lay.ids, "recurrent layer over a dim that is not its input features")
+        return out
+    _require_zero(ctx, lay, f"recurrent layer '{owner}'")
+    for suffix in ("", "_reverse")[: 1 + m.bidirectional]:
+        ctx.param_slice(owner, f"weight_ih_l0{suffix}", 1, lay.ids, "in")
+    # only the input projection of the first layer scales with the features kept
+    later = (m.num_layers - 1) * (m.hidden_size * (1 + m.bidirectional) + m.hidden_size)
+    ctx.counts_flops("in*out", x, share=m.input_size / (m.input_size + m.hidden_size + later))
+    return out
+
+
+def _contracted(ctx: RuleContext, a: ChannelLayout, b: ChannelLayout) -> None:
+    """A channel summed over by a matrix product (attention's key channels): its terms go with the channel;
+    they vanish only when one of the two factors is zero."""
+    ctx.facts.union(a.ids, b.ids)
+    bad = ~(a.zero | b.zero)
+    if bad.any():
+        ctx.pin(a.ids[bad], "channel summed over by a matrix product is not zero when its group is zeroed")
+
+
+def matmul(ctx: RuleContext) -> Any:
+    """A @ B over the last two dims: A's rows and B's columns pass through (attention values); the contracted
+    dim couples A's and B's channels (attention keys); batch dims act as in a product."""
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other" if ctx.node.target is not torch.bmm else "mat2")
+    la, lb, sa, sb, out = ctx.layout(a), ctx.layout(b), ctx.shape(a), ctx.shape(b), ctx.out_shape
+    if la is None and lb is None:
+        return None
+    if sa is None or sb is None or out is None or len(sa) < 2 or len(sb) < 2:
+        reason = "matrix product of vectors or of unknown shapes"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    nd = len(out)
+    role_a = None if la is None else ("row" if la.dim == len(sa) - 2 else "k" if la.dim == len(sa) - 1 else "batch")
+    role_b = None if lb is None else ("col" if lb.dim == len(sb) - 1 else "k" if lb.dim == len(sb) - 2 else "batch")
+    if role_a == "k" and role_b == "k":
+        _contracted(ctx, la, lb)
+        ctx.facts.contractions.append(ctx.name)
+        ctx.counts_flops("in*out", a)
+        return None
+    if role_a == "batch" or role_b == "batch":
+        dims = {x.dim + nd - len(s) for x, s in ((la, sa), (lb, sb)) if x is not None}
+        widths = {x.width for x in (la, lb) if x is not None}
+        if len(dims) == 1 and len(widths) == 1 and (la is None or lb is None or role_a == role_b):
+            lead = la if la is not None else lb
+            if la is not None and lb is not None:
+                ctx.facts.union(la.ids, lb.ids)
+                zero = la.zero | lb.zero
+            else:
+                other_shape, dim = (sb, lead.dim + nd - len(sa)) if la is not None else (sa, lead.dim + nd - len(sb))
+                own = dim - (nd - len(other_shape))
+                if own >= 0 and other_shape[own] != 1:  # the other factor varies along it untracked
+                    return _pinned_passthrough(ctx, lead, "matrix product with an untracked per-channel factor")
+                zero = lead.zero
+            ctx.counts_flops("out", a)
+            return ChannelLayout(dims.pop(), lead.ids, zero)
+        reason = "matrix product whose batch dims mix channels"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    if role_a == "k" or role_b == "k":  # one factor's channels summed against fixed positions of the other
+        reason = "channel summed over by a matrix product with an untracked factor"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    if role_a == "row" and role_b == "col":
+        ctx.pin(lb.ids, "matrix product that follows its rows' channels, not its columns'")
+    ctx.counts_flops("out", a)
+    lead = la if la is not None else lb
+    return ChannelLayout(nd - 2 if lead is la else nd - 1, lead.ids, lead.zero.copy())
+
+
 def channel_shuffle(ctx: RuleContext) -> Any:
     lay = ctx.layout(ctx.arg(0, "input"))
     if lay is None:
@@ -808,6 +966,9 @@ _keeps_zero_functions = (
     torchvision.ops.stochastic_depth,
 )
 _loses_zero_functions = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus, torch.exp, torch.cos)
+# in-place functional forms (torch.relu_(x)): the same op on the same tensor
+_keeps_zero_functions_ = (torch.relu_, F.leaky_relu_, F.elu_, torch.selu_, torch.tanh_)
+_loses_zero_functions_ = (torch.sigmoid_, torch.exp_)
 _keeps_zero_methods = (
     "relu", "relu_", "tanh", "tanh_", "neg", "abs", "sqrt", "contiguous", "clone", "detach", "float",
     "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda",
@@ -819,6 +980,10 @@ RULES: dict[Any, OpRule] = {
     **{cls: OpRule("elementwise, f(0) != 0", unary(False)) for cls in _loses_zero_modules},
     **{fn: OpRule("elementwise", _identity) for fn in _keeps_zero_functions},
     **{fn: OpRule("elementwise, f(0) != 0", unary(False)) for fn in _loses_zero_functions},
+    **{fn: OpRule("elementwise, in place", _identity) for fn in _keeps_zero_functions_},
+    **{fn: OpRule("elementwise, in place, f(0) != 0", unary(False)) for fn in _loses_zero_functions_},
+    F.hardtanh_: OpRule("elementwise, in place", unary(_hardtanh_keeps_zero)),
+    torch.clamp_: OpRule("elementwise, in place", unary(_clamp_keeps_zero)),
     **{Method(m): OpRule("elementwise", _identity) for m in _keeps_zero_methods},
     **{Method(m): OpRule("elementwise, f(0) != 0", unary(False)) for m in _loses_zero_methods},
     nn.Hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
@@ -888,6 +1053,13 @@ RULES: dict[Any, OpRule] = {
     **{op: OpRule("cat", cat) for op in (torch.cat, torch.concat, torch.concatenate)},
     **{op: OpRule("split", split) for op in (torch.split, torch.chunk, Method("split"), Method("chunk"))},
     operator.getitem: OpRule("getitem", getitem),
+    **{op: OpRule("roll", roll) for op in (torch.roll, Method("roll"))},
+    torch.stack: OpRule("stack", stack),
+    **{op: OpRule("pixel shuffle", pixel_shuffle) for op in (nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle,
+                                                              F.pixel_unshuffle)},
+    **{cls: OpRule("recurrent", recurrent) for cls in (nn.RNN, nn.GRU, nn.LSTM)},
+    **{op: OpRule("matmul", matmul) for op in (torch.matmul, operator.matmul, torch.bmm, Method("matmul"),
+                                                Method("bmm"))},
     **{op: OpRule("channel shuffle", channel_shuffle) for op in (nn.ChannelShuffle, F.channel_shuffle,
                                                                   torch.channel_shuffle)},
     **{op: OpRule("shape query", shape_query) for op in (Method("size"), Method("dim"), Method("numel"), getattr)},

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -92,13 +93,21 @@ def _linear(m: nn.Linear, r: Removal) -> set[tuple[str, int]]:
 
 def _group_norm(m: nn.GroupNorm, r: Removal) -> set[tuple[str, int]]:
     drop = next((r[k] for k in (("weight", 0), ("bias", 0)) if k in r), None)
-    if drop is not None and len(drop):
+    if drop is not None and len(drop):  # num_channels and num_groups are set by prune_copy, affine or not
         for name in ("weight", "bias"):
             if getattr(m, name, None) is not None:
                 slice_tensor_attr(m, name, 0, drop)
-        m.num_channels -= len(drop)
-        m.num_groups = m.num_channels
     return {("weight", 0), ("bias", 0)}
+
+
+def _recurrent(m: nn.RNNBase, r: Removal) -> set[tuple[str, int]]:
+    """Input features of an RNN/GRU/LSTM: columns of the first layer's input weights, in both directions."""
+    names = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if (n, 1) in r]
+    for name in names:  # RNNBase.__setattr__ keeps its flat weight list in step
+        slice_tensor_attr(m, name, 1, r[(name, 1)])
+    if names:
+        m.input_size = m.weight_ih_l0.shape[1]
+    return {(n, 1) for n in names}
 
 
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
@@ -110,6 +119,7 @@ SURGERY: dict[type, Callable[[nn.Module, Removal], set[tuple[str, int]]]] = {
     nn.modules.instancenorm._InstanceNorm: _out_only(tp.prune_instancenorm_out_channels, _NORM_STATE),
     nn.GroupNorm: _group_norm,
     nn.PReLU: _out_only(tp.prune_prelu_out_channels, ("weight",)),
+    nn.RNNBase: _recurrent,
 }
 
 
@@ -141,8 +151,75 @@ def remove_channels(model: nn.Module, removal: dict[tuple[str, str, int], np.nda
 def prune_copy(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> nn.Module:
     """A deep copy of `model` with every dropped ZIG's channels removed."""
     small = copy.deepcopy(model)
+    for path, ids in zigs.facts.group_norms.items():  # whole groups go: the analysis unions a group's channels
+        m = small.get_submodule(path)
+        per_group = m.num_channels // m.num_groups
+        m.num_channels = int(keep_comp[zigs.labels[ids]].sum())
+        m.num_groups = m.num_channels // per_group
     remove_channels(small, zigs.dropped_indices(keep_comp))
+    _retie(small, zigs.facts.aliases)
     return small
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Each layer sharing a tensor sliced its own copy of it (the same rows, unions made sure): point every
+    further name back at the first name's tensor, so the pruned model shares it as the original did."""
+    for alias, first in aliases.items():
+        owner_path, _, name = alias.rpartition(".")
+        source_path, _, source_name = first.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        source = model.get_submodule(source_path) if source_path else model
+        tensor = getattr(source, source_name)
+        if isinstance(tensor, nn.Parameter):
+            setattr(owner, name, tensor)
+        else:
+            owner.register_buffer(name, tensor, persistent=name not in owner._non_persistent_buffers_set)
+
+
+_FUNCTIONAL_CONVS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _patch_groups(node: fx.Node, lay: object, kept: Callable[[ChannelLayout], np.ndarray]) -> bool:
+    """A functional grouped conv's literal `groups` becomes the number of whole groups kept."""
+    old = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    if not isinstance(lay, ChannelLayout) or not isinstance(old, int) or old <= 1:
+        return False
+    new = int(kept(lay).sum()) // (lay.width // old)
+    if new == old:
+        return False
+    node.update_arg(6, new) if len(node.args) > 6 else node.update_kwarg("groups", new)
+    return True
+
+
+def _patch_num_groups(node: fx.Node, lay: object, kept: Callable[[ChannelLayout], np.ndarray]) -> bool:
+    """F.group_norm's literal `num_groups` becomes the number of whole groups kept."""
+    old = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups")
+    if not isinstance(lay, ChannelLayout) or not isinstance(old, int):
+        return False
+    new = int(kept(lay).sum()) // (lay.width // old)
+    if new == old:
+        return False
+    node.update_arg(1, new) if len(node.args) > 1 else node.update_kwarg("num_groups", new)
+    return True
+
+
+def _patch_roll(node: fx.Node, lay: object, kept: Callable[[ChannelLayout], np.ndarray]) -> bool:
+    """A roll over channels by s moves the last s channels to the front: after pruning, by those of them kept."""
+    shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts")
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    if not isinstance(lay, ChannelLayout) or dims is None:
+        return False
+    as_list = isinstance(shifts, (tuple, list))
+    shifts_l, dims_l = (list(shifts), list(dims)) if as_list else ([shifts], [dims])
+    nd = len(node.args[0].meta["tensor_meta"].shape)
+    k = kept(lay)
+    new = [int(k[lay.width - int(sh) % lay.width:].sum()) if (d + nd if d < 0 else d) == lay.dim else sh
+           for sh, d in zip(shifts_l, dims_l, strict=True)]
+    if new == shifts_l:
+        return False
+    value = type(shifts)(new) if as_list else new[0]
+    node.update_arg(1, value) if len(node.args) > 1 else node.update_kwarg("shifts", value)
+    return True
 
 
 def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> fx.GraphModule | None:
@@ -184,6 +261,12 @@ def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp
                     items[pos] = new
                     node.update_arg(1, tuple(items) if isinstance(index, tuple) else items[0])
                     changed = True
+        elif node.target in _FUNCTIONAL_CONVS:
+            changed |= _patch_groups(node, layouts.get(node.args[0].name), kept)
+        elif node.target is F.group_norm:
+            changed |= _patch_num_groups(node, layouts.get(node.args[0].name), kept)
+        elif node.target in (torch.roll, "roll"):
+            changed |= _patch_roll(node, layouts.get(node.args[0].name), kept)
         elif node.op == "call_method" and node.target in ("view", "reshape") and isinstance(out, ChannelLayout):
             old_width, new_width = out.width, int(kept(out).sum())
             if old_width != new_width:

@@ -89,12 +89,13 @@ def _signature_hash(pairs_comp: np.ndarray, pairs_node: np.ndarray, n_comp: int,
 
 
 def _shared_slice_pairs(facts: ChannelFacts) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """A parameter sliced twice along one dim (a layer called twice) indexes the same rows both times."""
-    first: dict[tuple[str, str, int], np.ndarray] = {}
+    """A tensor sliced twice along one dim (a layer called twice, a weight shared by two layers) indexes the same
+    rows both times."""
+    first: dict[tuple[str, int], np.ndarray] = {}
     a: list[np.ndarray] = []
     b: list[np.ndarray] = []
     for s in facts.slices:
-        key = (s.module, s.name, s.dim)
+        key = (facts.tensor_name(s.module, s.name), s.dim)
         if key in first and len(first[key]) == len(s.ids):
             a.append(first[key])
             b.append(s.ids)

@@ -24,9 +24,15 @@ Blocks (`spec.blocks`, 1..5 of them, each `(kind, params)`), drawn from the curr
   pool      max / avg 2x2 pooling or adaptive average pooling to half size (size >= 4 only)
   unknown   an op the rule table does not know (`torch.cumsum` or `torch.flip` over channels, or
             `nn.LocalResponseNorm`); every space it touches must be pinned
-Activations: relu, relu6, hardswish, silu, gelu, or "gated" (x * sigmoid(x)).
-Head (`spec.head`): "gap" (adaptive avg pool 1 -> flatten -> Linear) or "flatten" (adaptive avg pool
-to 2x2 -> flatten -> Linear, so each channel feeds a block of 4 features).
+  roll      `torch.roll` over channels by a literal shift
+  sk        selective kernel: two conv branches `torch.stack`ed, softmax over the branches, weighted sum
+  pixel     1x1 conv to 4k channels -> PixelShuffle(2) -> 3x3 conv -> PixelUnshuffle(2)
+  gn        conv -> GroupNorm(g) with g > 1 groups -> activation
+  nonlocal  non-local attention: key/query channels contracted by `matmul`, values through `bmm`, residual
+Activations: relu, relu6, hardswish, silu, gelu, "gated" (x * sigmoid(x)) or "relu_" (`torch.relu_`).
+Head (`spec.head`): "gap" (adaptive avg pool 1 -> flatten -> Linear), "flatten" (adaptive avg pool
+to 2x2 -> flatten -> Linear, so each channel feeds a block of 4 features) or "gru" (height averaged
+away, a GRU over the width, Linear on its last step: a CRNN).
 
 `cnn_specs()` draws only the spec; `build_cnn(spec)` builds it (handy to replay a failing example
 printed by Hypothesis).
@@ -42,8 +48,12 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 
-ACTIVATIONS = ("relu", "relu6", "hardswish", "silu", "gelu", "gated")
-BLOCK_KINDS = ("conv", "residual", "concat", "depthwise", "grouped", "se", "shuffle", "chunk", "pad", "pool", "unknown")
+ACTIVATIONS = ("relu", "relu6", "hardswish", "silu", "gelu", "gated", "relu_")
+BLOCK_KINDS = ("conv", "residual", "concat", "depthwise", "grouped", "se", "shuffle", "chunk", "pad", "pool", "unknown",
+               "roll", "sk", "pixel", "gn", "nonlocal")
+HEADS = ("gap", "flatten", "gru")
+# constructs torch-pruning 1.6 does not model (it crashes on a GRU head): left out where it is the reference
+BEYOND_TORCH_PRUNING = {"relu_", "roll", "sk", "pixel", "gn", "nonlocal", "gru"}
 UNKNOWN_OPS = ("cumsum", "flip", "lrn")
 MIN_WIDTH, MAX_WIDTH = 2, 12
 
@@ -71,9 +81,15 @@ class Gated(nn.Module):
         return x * torch.sigmoid(x)
 
 
+class InplaceReLU(nn.Module):
+    def forward(self, x):
+        return torch.relu_(x)
+
+
 def make_act(kind: str) -> nn.Module:
     return {
         "relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU, "gelu": nn.GELU, "gated": Gated,
+        "relu_": InplaceReLU,
     }[kind]()
 
 
@@ -205,14 +221,77 @@ class Unknown(nn.Module):
         return self.lrn(x)
 
 
+class Roll(nn.Module):
+    def __init__(self, shift: int):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        return torch.roll(x, self.shift, 1)
+
+
+class SelectiveKernel(nn.Module):
+    def __init__(self, cin: int, cout: int, hidden: int, act: str):
+        super().__init__()
+        self.cout = cout
+        self.branches = nn.ModuleList(ConvBNAct(cin, cout, k, act=act) for k in (1, 3))
+        self.fc = nn.Conv2d(cout, hidden, 1)
+        self.fcs = nn.Conv2d(hidden, 2 * cout, 1)
+
+    def forward(self, x):
+        feats = torch.stack([b(x) for b in self.branches], dim=1)
+        z = torch.relu(self.fc(feats.sum(1).mean((2, 3), keepdim=True)))
+        attention = self.fcs(z).view(x.shape[0], 2, self.cout, 1, 1).softmax(dim=1)
+        return (feats * attention).sum(1)
+
+
+class PixelRoundTrip(nn.Module):
+    def __init__(self, cin: int, k: int, m: int, act: str):
+        super().__init__()
+        self.pre = ConvBNAct(cin, 4 * k, 1, act=act)
+        self.up = nn.PixelShuffle(2)
+        self.conv = ConvBNAct(k, m, 3, act=act)
+        self.down = nn.PixelUnshuffle(2)
+
+    def forward(self, x):
+        return self.down(self.conv(self.up(self.pre(x))))
+
+
+class GroupNormBlock(nn.Sequential):
+    def __init__(self, cin: int, groups: int, cout: int, act: str):
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), make_act(act))
+
+
+class NonLocal(nn.Module):
+    def __init__(self, c: int, inner: int):
+        super().__init__()
+        self.inner = inner
+        self.theta, self.phi, self.g = (nn.Conv2d(c, inner, 1) for _ in range(3))
+        self.w = ConvBNAct(inner, c, 1, act=None)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        theta = self.theta(x).view(n, self.inner, -1).permute(0, 2, 1)
+        affinity = torch.matmul(theta, self.phi(x).view(n, self.inner, -1)).softmax(dim=-1)
+        y = torch.bmm(affinity, self.g(x).view(n, self.inner, -1).permute(0, 2, 1))
+        return x + self.w(y.permute(0, 2, 1).reshape(n, self.inner, h, w))
+
+
 class Head(nn.Module):
     def __init__(self, c: int, kind: str, classes: int):
         super().__init__()
         self.kind = kind
+        if kind == "gru":
+            self.rnn = nn.GRU(c, 6, batch_first=True)
+            self.fc = nn.Linear(6, classes)
+            return
         self.pool = nn.AdaptiveAvgPool2d(1 if kind == "gap" else 2)
         self.fc = nn.Linear(c * (1 if kind == "gap" else 4), classes)
 
     def forward(self, x):
+        if self.kind == "gru":
+            out, _ = self.rnn(x.mean(2).permute(0, 2, 1))
+            return self.fc(out[:, -1])
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
@@ -252,6 +331,10 @@ def _next_shape(kind: str, p: dict, c: int, size: int) -> tuple[int, int]:
         return c + p["left"] + p["right"], size
     if kind == "pool":
         return c, size // 2
+    if kind in ("sk", "gn"):
+        return p["out"], size
+    if kind == "pixel":
+        return 4 * p["m"], size
     return c, size
 
 
@@ -285,6 +368,16 @@ def _build_block(kind: str, p: dict, c: int, size: int) -> tuple[nn.Module, int,
         block = Pool(p["kind"], size)
     elif kind == "unknown":
         block = Unknown(p["op"])
+    elif kind == "roll":
+        block = Roll(p["shift"])
+    elif kind == "sk":
+        block = SelectiveKernel(c, out, p["hidden"], act)
+    elif kind == "pixel":
+        block = PixelRoundTrip(c, p["k"], p["m"], act)
+    elif kind == "gn":
+        block = GroupNormBlock(c, p["groups"], out, act)
+    elif kind == "nonlocal":
+        block = NonLocal(c, p["inner"])
     else:
         raise ValueError(f"unknown block kind {kind!r}")
     return block, out, new_size
@@ -325,10 +418,11 @@ def _divisors(c: int) -> list[int]:
 
 
 @st.composite
-def _block(draw: st.DrawFn, c: int, size: int, allow_unknown: bool) -> tuple[str, dict]:
-    kinds = [k for k in BLOCK_KINDS if (k != "pool" or size >= 4) and (k != "unknown" or allow_unknown)]
+def _block(draw: st.DrawFn, c: int, size: int, allow_unknown: bool, skip: frozenset[str]) -> tuple[str, dict]:
+    kinds = [k for k in BLOCK_KINDS
+             if (k != "pool" or size >= 4) and (k != "unknown" or allow_unknown) and k not in skip]
     kind = draw(st.sampled_from(kinds))
-    act = draw(st.sampled_from(ACTIVATIONS))
+    act = draw(st.sampled_from([a for a in ACTIVATIONS if a not in skip]))
     small = st.integers(MIN_WIDTH, max(MIN_WIDTH, min(MAX_WIDTH, 6)))
     stride = st.sampled_from((1, 2)) if size >= 4 else st.just(1)
     if kind == "conv":
@@ -365,31 +459,45 @@ def _block(draw: st.DrawFn, c: int, size: int, allow_unknown: bool) -> tuple[str
         return kind, {"left": left, "right": right if left or right else 1}
     if kind == "pool":
         return kind, {"kind": draw(st.sampled_from(("max", "avg", "adaptive")))}
+    if kind == "roll":
+        return kind, {"shift": draw(st.integers(-c, c))}
+    if kind == "sk":
+        return kind, {"out": draw(_widths), "hidden": draw(small), "act": act}
+    if kind == "pixel":
+        return kind, {"k": draw(st.integers(1, 3)), "m": draw(st.integers(1, 3)), "act": act}
+    if kind == "gn":
+        groups = draw(st.integers(2, 4))
+        return kind, {"groups": groups, "out": groups * draw(st.integers(1, MAX_WIDTH // groups)), "act": act}
+    if kind == "nonlocal":
+        return kind, {"inner": draw(small)}
     return kind, {"op": draw(st.sampled_from(UNKNOWN_OPS))}
 
 
 @st.composite
-def cnn_specs(draw: st.DrawFn, max_blocks: int = 5, allow_unknown: bool = True) -> CNNSpec:
-    """A random `CNNSpec`; `allow_unknown=False` leaves out the ops the rule table does not know."""
+def cnn_specs(draw: st.DrawFn, max_blocks: int = 5, allow_unknown: bool = True, torch_pruning: bool = False) -> CNNSpec:
+    """A random `CNNSpec`; `allow_unknown=False` leaves out the ops the rule table does not know,
+    `torch_pruning=True` the constructs torch-pruning does not model."""
+    skip = frozenset(BEYOND_TORCH_PRUNING if torch_pruning else ())
     size = draw(st.integers(8, 16))
     stem = draw(_widths)
     blocks = []
     c, s = stem, size
     for _ in range(draw(st.integers(1, max_blocks))):
-        kind, params = draw(_block(c, s, allow_unknown))
+        kind, params = draw(_block(c, s, allow_unknown, skip))
         c, s = _next_shape(kind, params, c, s)
         blocks.append((kind, tuple(sorted(params.items()))))
     return CNNSpec(
         seed=draw(st.integers(0, 2**31 - 1)),
         size=size,
         stem=stem,
-        stem_act=draw(st.sampled_from(ACTIVATIONS)),
+        stem_act=draw(st.sampled_from([a for a in ACTIVATIONS if a not in skip])),
         blocks=tuple(blocks),
-        head=draw(st.sampled_from(("gap", "flatten"))),
+        head=draw(st.sampled_from([h for h in HEADS if h not in skip])),
         classes=draw(st.integers(3, 5)),
     )
 
 
-def random_cnns(max_blocks: int = 5, allow_unknown: bool = True) -> st.SearchStrategy[tuple[nn.Module, torch.Tensor]]:
+def random_cnns(max_blocks: int = 5, allow_unknown: bool = True,
+                torch_pruning: bool = False) -> st.SearchStrategy[tuple[nn.Module, torch.Tensor]]:
     """`(model, example_input)` pairs: a random CNN in eval mode and a batch of 2 inputs (see module docstring)."""
-    return cnn_specs(max_blocks=max_blocks, allow_unknown=allow_unknown).map(build_cnn)
+    return cnn_specs(max_blocks=max_blocks, allow_unknown=allow_unknown, torch_pruning=torch_pruning).map(build_cnn)

@@ -18,7 +18,7 @@ import atofx
 from atofx.cifar_models import CifarResNet
 from atofx.errors import EquivalenceError
 from atofx.model import zero_dropped
-from tests.strategies import random_cnns
+from tests.strategies import CNNSpec, build_cnn, random_cnns
 
 TOL = 1e-5
 
@@ -162,3 +162,13 @@ def test_channel_mask_scales_one_dim(dim):
     idx[dim] = 2
     expected[tuple(idx)] *= 2
     assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("spec", [
+    CNNSpec(seed=0, size=8, stem=4, stem_act="relu", blocks=(("nonlocal", (("inner", 3),)),), head="gap", classes=3),
+    CNNSpec(seed=0, size=8, stem=6, stem_act="relu", blocks=(), head="gru", classes=3),
+], ids=["attention-keys", "gru-input-features"])
+def test_products_and_recurrent_inputs_get_mask_nodes(spec):
+    """A matmul contracting channels and an RNN reading them are consumers too: masked == pruned."""
+    model, x = build_cnn(spec)
+    check_model(model, x, keep=0.5, seed=0)

@@ -214,6 +214,12 @@ ELEMENTWISE = [
     sw("F.hardtanh-kw-negative", fn(lambda x: F.hardtanh(x, min_val=-2.0, max_val=-1.0)), False, [F.hardtanh]),
     *(sw(f.__name__, fn(f), False, [f]) for f in (torch.sigmoid, F.hardsigmoid, F.logsigmoid, F.softplus,
                                                   torch.exp, torch.cos)),
+    # functional in-place forms
+    *(sw(f.__name__, fn(f), True, [f]) for f in (torch.relu_, F.elu_, torch.selu_, torch.tanh_)),
+    sw("F.leaky_relu_", fn(lambda x: F.leaky_relu_(x, 0.1)), True, [F.leaky_relu_]),
+    sw("F.hardtanh_", fn(lambda x: F.hardtanh_(x, 0.1, 1.0)), False, [F.hardtanh_]),
+    sw("torch.clamp_", fn(lambda x: torch.clamp_(x, -1.0, 1.0)), True, [torch.clamp_]),
+    *(sw(f.__name__, fn(f), False, [f]) for f in (torch.sigmoid_, torch.exp_)),
     sw("torch.clamp", fn(lambda x: torch.clamp(x, -1.0, 1.0)), True, [torch.clamp]),
     sw("torch.clamp-min", fn(lambda x: torch.clamp(x, min=0.1)), False, [torch.clamp]),
     sw("torch.clamp-max", fn(lambda x: torch.clamp(x, max=-0.1)), False, [torch.clamp]),
@@ -701,13 +707,29 @@ def test_affine_norm_joins_the_producer_zig(make: Callable, nd: int, linear: boo
 
 
 @pytest.mark.parametrize(("make", "keys"), [
-    (lambda: nn.GroupNorm(2, 8), (nn.GroupNorm,)),
     (lambda: nn.GroupNorm(1, 8, affine=False), (nn.GroupNorm,)),
-    (lambda: FGroupNorm(4, 8), (F.group_norm,)),
-], ids=["GroupNorm-2", "GroupNorm-1-plain", "F.group_norm-4"])
-def test_group_norm_across_channels_pins(make: Callable, keys: tuple) -> None:
+    (lambda: FGroupNorm(1, 8), (F.group_norm,)),
+], ids=["GroupNorm-1-plain", "F.group_norm-1"])
+def test_group_norm_with_one_group_pins(make: Callable, keys: tuple) -> None:
     ato = analyse(NormChain(make()), SHAPES[2], keys)
-    assert_pinned(space(ato, "conv1"), "GroupNorm normalises across the channels of a group")
+    assert_pinned(space(ato, "conv1"), "GroupNorm normalises across all channels")
+
+
+@pytest.mark.parametrize(("make", "keys", "groups"), [
+    (lambda: nn.GroupNorm(2, 8), (nn.GroupNorm,), 2),
+    (lambda: nn.GroupNorm(4, 8, affine=False), (nn.GroupNorm,), 4),
+    (lambda: FGroupNorm(4, 8), (F.group_norm,), 4),
+], ids=["GroupNorm-2", "GroupNorm-4-plain", "F.group_norm-4"])
+def test_group_norm_prunes_whole_groups(make: Callable, keys: tuple, groups: int) -> None:
+    """A group's channels share statistics: one ZIG per group, holding its channels of conv1 and the norm."""
+    ato = analyse(NormChain(make()), SHAPES[2], keys)
+    sp = space(ato, "conv1")
+    assert not sp.pinned and sp.width == groups
+    per = 8 // groups
+    assert sorted(row[OUT("conv1")] for row in zig_rows(ato, sp)) == [
+        tuple(range(g * per, (g + 1) * per)) for g in range(groups)]
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))  # the equivalence check runs inside
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in ato.model.parameters())
 
 
 class ComputedAffine(nn.Module):
@@ -1254,10 +1276,10 @@ def test_normalize_over_channels_pins() -> None:
 
 
 @pytest.mark.parametrize(("op", "named"), [
-    (lambda x: torch.roll(x, 1, 1), "torch.roll"),
+    (lambda x: torch.flip(x, [1]), "torch.flip"),
     (lambda x: torch.fft.fft2(x).real, "fft"),
     (lambda x: x.repeat(1, 1, 1, 1), ".repeat()"),
-], ids=["torch.roll", "torch.fft.fft2", ".repeat"])
+], ids=["torch.flip", "torch.fft.fft2", ".repeat"])
 def test_unknown_op_pins_and_names_the_op(op: Callable, named: str) -> None:
     ato = analyse(Sandwich(op), SHAPES[2], unknown=True)
     sp = space(ato, "conv1")
@@ -1342,6 +1364,171 @@ def test_cuda_method_is_analysed_like_cpu() -> None:
     assert [(s.width, s.pinned, s.producers, s.consumers) for s in zigs.spaces] == [
         (4, True, [], ["conv1"]), (8, False, ["conv1"], ["conv2"]), (6, True, ["conv2"], [])]
     assert not zigs.facts.unknown_ops
+
+
+# ---------------------------------------------------------------- fixed permutations, stacks, attention, RNNs
+
+
+def _prunes_exactly(ato: ATOModel) -> nn.Module:
+    """Prune with a seeded random mask (the equivalence check runs inside) and check the FLOPs model."""
+    mask = ato.random_mask(keep=0.5, seed=3)
+    small = ato.prune(mask)
+    assert abs(ato.flops(mask) - atofx.count_flops(small, ato.example_inputs)) <= 0.01 * ato.flops()
+    return small
+
+
+@pytest.mark.parametrize(("op", "shift", "keys"), [
+    (lambda x: torch.roll(x, 3, 1), 3, cover(torch.roll)),
+    (lambda x: x.roll(-2, dims=1), -2, cover(Method("roll"))),
+    (lambda x: x.roll((1, 5), (2, -3)), 5, (Method("roll"),)),
+    (lambda x: torch.roll(x, 8, 1), 8, (torch.roll,)),  # the identity, until pruning makes the width 4
+], ids=["torch.roll", ".roll", ".roll-two-dims", "torch.roll-by-the-width"])
+def test_roll_over_channels_is_a_fixed_rotation(op: Callable, shift: int, keys: tuple) -> None:
+    ato = analyse(Sandwich(op), SHAPES[2], keys)
+    sp = space(ato, "conv1")
+    assert not sp.pinned and sp.width == 8
+    assert mapping(ato, sp, OUT("conv1"), IN("conv2")) == {(c,): ((c + shift) % 8,) for c in range(8)}
+    _prunes_exactly(ato)
+
+
+def test_roll_over_a_flattened_tensor_pins() -> None:
+    ato = analyse(Sandwich(lambda x: torch.roll(x, 1)), SHAPES[2], (torch.roll,))
+    assert_pinned(space(ato, "conv1"), "roll over a flattened tensor")
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet attention: branch outputs stacked, softmax over the branches, weighted sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.b2 = nn.Conv2d(4, 8, 3, padding=2, dilation=2)
+        self.fc = nn.Conv2d(8, 3, 1)
+        self.fcs = nn.Conv2d(3, 16, 1)
+        self.out = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = torch.stack([F.relu(self.b1(x)), F.relu(self.b2(x))], dim=1)
+        z = F.relu(self.fc(feats.sum(1).mean((2, 3), keepdim=True)))
+        attention = self.fcs(z).view(x.shape[0], 2, 8, 1, 1).softmax(dim=1)
+        return self.out((feats * attention).sum(1))
+
+
+def test_stack_of_branches_couples_their_channels() -> None:
+    ato = analyse(SelectiveKernel(), SHAPES[2], cover(torch.stack))
+    sp = space(ato, "b1")
+    assert not sp.pinned and sp.width == 8 and {"b1", "b2", "fcs"} <= set(sp.producers)
+    assert mapping(ato, sp, OUT("b1"), OUT("b2")) == identity(8)
+    _prunes_exactly(ato)
+
+
+def test_stack_with_an_untracked_tensor_pins() -> None:
+    const = torch.ones(2, 8, 6, 6)
+    ato = analyse(Sandwich(lambda x: torch.stack([x, const], 0).sum(0)), SHAPES[2], (torch.stack,))
+    assert_pinned(space(ato, "conv1"), "stack of tensors")
+
+
+class PixelShuffles(nn.Module):
+    """conv (16) -> PixelShuffle(2) -> conv (8) -> PixelUnshuffle(2) -> conv: a super-resolution round trip."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(4, 8, 1), nn.Conv2d(32, 6, 1)
+        if functional:
+            self.up, self.down = (lambda x: F.pixel_shuffle(x, 2)), (lambda x: F.pixel_unshuffle(x, 2))
+        else:
+            self.up, self.down = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.down(F.relu(self.b(self.up(F.relu(self.a(x)))))))
+
+
+@pytest.mark.parametrize(("functional", "keys"), [
+    (False, cover(nn.PixelShuffle, nn.PixelUnshuffle)), (True, cover(F.pixel_shuffle, F.pixel_unshuffle))],
+    ids=["modules", "functions"])
+def test_pixel_shuffle_moves_channels_in_blocks_of_r_squared(functional: bool, keys: tuple) -> None:
+    ato = analyse(PixelShuffles(functional), SHAPES[2], keys)
+    up = space(ato, "a")
+    assert not up.pinned and up.width == 4  # each output channel is a block of 4 input channels
+    assert mapping(ato, up, OUT("a"), IN("b")) == {tuple(range(4 * c, 4 * c + 4)): (c,) for c in range(4)}
+    down = space(ato, "b")
+    assert not down.pinned and down.width == 8
+    assert mapping(ato, down, OUT("b"), IN("c")) == {(c,): tuple(range(4 * c, 4 * c + 4)) for c in range(8)}
+    _prunes_exactly(ato)
+
+
+class CRNN(nn.Module):
+    """conv features -> height pooled away -> a sequence over width -> a recurrent layer -> linear."""
+
+    def __init__(self, cell: type, bidirectional: bool):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.rnn = cell(8, 5, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(10 if bidirectional else 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = F.relu(self.conv1(x)).mean(2).permute(0, 2, 1)
+        out, _ = self.rnn(features)
+        return self.fc(out)
+
+
+@pytest.mark.parametrize(("cell", "bidirectional"), [(cover(nn.LSTM)[0], True), (cover(nn.GRU)[0], False),
+                                                     (cover(nn.RNN)[0], True)], ids=["LSTM", "GRU", "RNN"])
+def test_recurrent_layer_reads_conv_channels_as_input_features(cell: type, bidirectional: bool) -> None:
+    ato = analyse(CRNN(cell, bidirectional), SHAPES[2], (cell,))
+    sp = space(ato, "conv1")
+    assert not sp.pinned and sp.width == 8 and sp.consumers == ["rnn"]
+    suffixes = ("", "_reverse") if bidirectional else ("",)
+    for row in zig_rows(ato, sp):
+        (c,) = row[OUT("conv1")]
+        assert all(row[("rnn", f"weight_ih_l0{s}", 1)] == (c,) for s in suffixes)
+    assert all(s.pinned for s in ato.spaces if "rnn" in s.nodes and "conv1" not in s.producers)
+    small = _prunes_exactly(ato)
+    assert small.rnn.input_size < 8
+
+
+class NonLocal(nn.Module):
+    """A non-local block: key/query channels contracted by a product, value channels passed through."""
+
+    def __init__(self, product: str):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 8, 3, padding=1)
+        self.theta, self.phi, self.g = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.w = nn.Conv2d(4, 8, 1)
+        self.product = product
+
+    def _mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return {"torch.matmul": torch.matmul, "@": operator.matmul, "torch.bmm": torch.bmm,
+                ".matmul": lambda p, q: p.matmul(q), ".bmm": lambda p, q: p.bmm(q)}[self.product](a, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        n, _, h, w = x.shape
+        g = self.g(x).view(n, 4, -1).permute(0, 2, 1)
+        theta = self.theta(x).view(n, 4, -1).permute(0, 2, 1)
+        affinity = self._mm(theta, self.phi(x).view(n, 4, -1)).softmax(dim=-1)
+        y = self._mm(affinity, g).permute(0, 2, 1).contiguous().view(n, 4, h, w)
+        return x + self.w(y)
+
+
+@pytest.mark.parametrize(("product", "key"), [
+    ("torch.matmul", cover(torch.matmul)), ("@", cover(operator.matmul)), ("torch.bmm", cover(torch.bmm)),
+    (".matmul", cover(Method("matmul"))), (".bmm", cover(Method("bmm")))])
+def test_attention_prunes_value_and_key_channels(product: str, key: tuple) -> None:
+    ato = analyse(NonLocal(product), SHAPES[2], key)
+    keys = space(ato, "theta")
+    assert not keys.pinned and keys.width == 4 and {"theta", "phi"} <= set(keys.producers)  # contracted: coupled
+    assert mapping(ato, keys, OUT("theta"), OUT("phi")) == identity(4)
+    values = space(ato, "g")
+    assert not values.pinned and values.width == 4 and values.consumers == ["w"]
+    _prunes_exactly(ato)
+
+
+def test_product_over_channels_with_a_fixed_factor_pins() -> None:
+    weight = torch.randn(8, 8)
+    ato = analyse(Sandwich(lambda x: torch.matmul(x.permute(0, 2, 3, 1), weight).permute(0, 3, 1, 2)), SHAPES[2],
+                  (torch.matmul,), unknown=True)
+    assert_pinned(space(ato, "conv1"), "channel summed over by a matrix product")
 
 
 # ---------------------------------------------------------------- the table is fully covered

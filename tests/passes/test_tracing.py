@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from atofx.passes.tracing import trace
 from torch import nn
 
@@ -131,3 +134,74 @@ def test_concrete_args_fix_the_branch(sigmoid: bool) -> None:
 
 def test_concrete_args_need_not_be_repeated_in_example_inputs() -> None:
     atofx.compile(Flagged(), example(), concrete_args={"sigmoid": True})
+
+
+# ---------------------------------------------------------------- shapes fixed from the example input
+
+
+class SamePaddingConv(nn.Conv2d):
+    """TensorFlow 'SAME' padding computed from the input size at run time (the pattern of timm's Conv2dSame)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride),
+                                 reversed(self.dilation), strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = SamePaddingConv(4, 8, 3, stride=2)
+        self.dw = SamePaddingConv(8, 8, 3, groups=8)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.dw(torch.relu(self.conv1(x)))))
+
+
+class ShapeBranches(nn.Module):
+    """Python on sizes at the root: an `if` on the input width, `int()` of a size, a shape unpacked."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        if x.shape[-1] > 32:
+            y = F.max_pool2d(y, 2)
+        channels = int(y.size(1))
+        y = y.flatten(2).view(y.shape[0], channels, *y.shape[2:])
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("make", [SameNet, ShapeBranches])
+def test_python_on_shapes_traces_specialised_to_the_example(make: type) -> None:
+    model = make().eval()
+    with pytest.raises(TraceError, match="example_inputs"):
+        trace(model)  # plain fx cannot, and says the example input would help
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    ato = atofx.compile(model, x)
+    assert not ato.zigs.facts.unknown_ops
+    assert torch.allclose(ato.graph_module(x), model(x))
+    sp = next(s for s in ato.spaces if "conv1" in s.producers)
+    assert not sp.pinned and sp.width == 8
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))  # the equivalence check runs inside
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_same_padding_is_folded_into_literals_inside_the_layer() -> None:
+    x = torch.randn(1, 4, 9, 9)
+    gm = atofx.compile(SameNet(), x).graph_module
+    pads = [n for n in gm.graph.nodes if n.target is F.pad]
+    assert [n.args[1] for n in pads] == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is math.ceil]
+
+
+def test_a_branch_on_tensor_values_is_still_refused_with_shapes_known() -> None:
+    text = str(_trace_error(Branchy()))
+    assert "data-dependent control flow" in text and "move the branch into a submodule" in text

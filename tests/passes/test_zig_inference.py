@@ -236,7 +236,7 @@ def _assert_agrees_with_torch_pruning(model: nn.Module, x: torch.Tensor, expect_
 
 
 @settings(max_examples=100)
-@given(random_cnns())
+@given(random_cnns(torch_pruning=True))
 def test_spaces_agree_with_torch_pruning_groups_or_differ_by_a_known_construct_on_random_cnns(case):
     model, x = case
     _assert_agrees_with_torch_pruning(model, x)

@@ -1,0 +1,43 @@
+"""Smoke test for tools/bench_timm.py (the timm zoo sweep): one small model end to end, and the sample."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_timm = _load("bench_timm")
+
+
+def test_sweep_writes_a_row_per_model(tmp_path):
+    out = tmp_path / "sweep.json"
+    assert bench_timm.main(["--models", "resnet10t", "--size", "32", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    (row,) = payload["rows"]
+    assert row["status"] == "ok" and row["prunable"] > 0 and 0 < row["flops_removed"] < 1
+    assert payload["exact"] == payload["built"] == 1
+
+
+def test_sample_starts_with_the_required_models_and_is_fixed_by_the_seed():
+    names = bench_timm.cnn_names()
+    assert not any("vit" in n or "swin" in n for n in names)
+    first = bench_timm.sample(names, 2, seed=0, max_params=30e6)
+    assert first[: len(bench_timm.REQUIRED)] == bench_timm.REQUIRED
+    assert len(first) == len(bench_timm.REQUIRED) + 2
+    assert first == bench_timm.sample(names, 2, seed=0, max_params=30e6)
