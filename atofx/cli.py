@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, ShapeError
 
 EXIT_ERROR = 2
 
@@ -79,8 +79,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from atofx.model_zoo import load
 
     zoo = load(args.model, args.input_size)
-    with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
-        ato = atofx.compile(zoo.model, zoo.example)
+    try:
+        with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
+            ato = atofx.compile(zoo.model, zoo.example)
+    except ShapeError as exc:
+        given = "x".join(map(str, args.input_size)) if args.input_size else "the default"
+        what = str(exc).split(" Pass example_inputs")[0]  # the API's advice does not help on the command line
+        raise ShapeError(f"{what} With --input-size {given}, the model got a batch of shape "
+                         f"{tuple(zoo.example.shape)}: give --input-size as one sample's shape without the batch "
+                         "dim, CxHxW for images (like 3x64x64).") from exc
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())
     args.out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +202,11 @@ def _run_train(args: argparse.Namespace) -> int:
     job = train_job_from_args(args)
     try:
         summary = run(job)
+    except KeyboardInterrupt:
+        print(f"atofx: interrupted. Rerun the same command to resume from the last finished epoch (checkpoints in "
+              f"{Path(job.out) / 'checkpoints'}; a finished dense reference is kept in {Path(job.out) / 'dense.json'}).",
+              file=sys.stderr)
+        return 130
     finally:
         distributed.stop()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all

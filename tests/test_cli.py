@@ -113,3 +113,25 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                           cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "did you mean resnet18" in proc.stderr
+
+
+def test_train_numbers_out_of_range_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["train", "--batch-size", "0", "--out", str(tmp_path), "--quiet"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("atofx: error: --batch-size must be") and err.count("\n") == 1
+
+
+def test_a_two_number_input_size_is_answered_with_cxhxw(user_module, tmp_path, capsys):
+    assert cli.main(["inspect", f"{user_module}:small_cnn", "--input-size", "16x16", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "batch of shape (1, 16, 16)" in err and "CxHxW" in err and "example_inputs" not in err
+
+
+def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("atofx.train_job.run", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Rerun the same command to resume" in err and str(tmp_path / "run" / "checkpoints") in err
