@@ -3,6 +3,7 @@
 from atofx.counting import count_flops, count_params
 from atofx.errors import (
     AtofxError,
+    AtofxWarning,
     ConfigError,
     DataError,
     EquivalenceError,
@@ -22,6 +23,7 @@ __all__ = [
     "ATOConfig",
     "ATOModel",
     "AtofxError",
+    "AtofxWarning",
     "ConfigError",
     "DataError",
     "ChannelSpace",

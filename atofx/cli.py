@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from atofx.errors import AtofxError, ShapeError
+from atofx.errors import AtofxError, AtofxWarning, ShapeError
 
 EXIT_ERROR = 2
 
@@ -256,13 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """atofx's own warnings as one `atofx: warning:` line; others as Python prints them."""
+    if issubclass(category, AtofxWarning):
+        print(f"atofx: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atofx` script and `python -m atofx`; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Command = args.run
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
     except AtofxError as exc:
         message = " ".join(str(exc).split())
         print(f"atofx: error: {message}", file=sys.stderr)

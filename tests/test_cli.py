@@ -135,3 +135,17 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "Rerun the same command to resume" in err and str(tmp_path / "run" / "checkpoints") in err
+
+
+def test_atofx_warnings_print_as_one_line(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import atofx
+
+    def warns_then_fails(job):
+        warnings.warn("few controller steps", atofx.AtofxWarning, stacklevel=1)
+        raise atofx.AtofxError("stopped")
+
+    monkeypatch.setattr("atofx.train_job.run", warns_then_fails)
+    assert cli.main(["train", "--out", str(tmp_path)]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.splitlines() == ["atofx: warning: few controller steps", "atofx: error: stopped"]
