@@ -42,6 +42,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                    help="also prune a random mask keeping this share of every space and show FLOPs, params and "
                    "the equivalence check before and after")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
+    p.add_argument("--view", choices=("auto", "layers", "spaces"), default="auto",
+                   help="picture: one box per layer, or per channel space with edges through the layers that join "
+                   "them (default auto: spaces above 250 layers, where dot would take minutes)")
+    p.add_argument("--no-picture", action="store_true", help="print the report only, draw nothing")
     p.set_defaults(run=_run_inspect)
 
 
@@ -90,14 +94,15 @@ def _run_inspect(args: argparse.Namespace) -> int:
                          "dim, CxHxW for images (like 3x64x64).") from exc
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())
-    args.out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        written = ato.visualize(args.out / f"{_file_stem(args.model)}-zigs.svg")
-    for w in caught:
-        if issubclass(w.category, UserWarning) and "dot" in str(w.message):
-            print(f"atofx: warning: {w.message}", file=sys.stderr)
-    print(f"wrote {written}")
+    if not args.no_picture:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = ato.visualize(args.out / f"{_file_stem(args.model)}-zigs.svg", view=args.view)
+        for w in caught:
+            if issubclass(w.category, UserWarning) and "dot" in str(w.message):
+                print(f"atofx: warning: {w.message}", file=sys.stderr)
+        print(f"wrote {written}")
     if args.prune_random is not None:
         _prune_random(ato, zoo.example, args.prune_random, args.seed)
     return 0
@@ -127,7 +132,7 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 # command-line dest -> TrainJob field, for the flags whose name differs from the field
-_FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress"}
+_FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress", "no_picture": "picture"}
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +182,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="mixed precision: bf16 autocast, or fp16 with a grad scaler (for GPUs; default: off)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-picture", action="store_true", help="do not draw OUT/zigs.svg")
     p.set_defaults(run=_run_train)
 
 
@@ -211,8 +217,9 @@ def _run_train(args: argparse.Namespace) -> int:
         distributed.stop()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print(summary_table(summary))
-        print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg, "
-              "accuracy_flops.png, widths.png")
+        files = ["summary.json", "log.jsonl", *([summary["picture"]] if summary.get("picture") else []),
+                 "accuracy_flops.png", "widths.png"]
+        print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), {', '.join(files)}")
     return 0
 
 

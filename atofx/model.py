@@ -362,11 +362,16 @@ class ATOModel:
 
         return spaces_table(self)
 
-    def visualize(self, path: str | Path) -> Path:
-        """Draw the graph, one colour per space; returns the file written (.dot without graphviz)."""
+    def visualize(self, path: str | Path, view: str = "auto", timeout: float = 60.0) -> Path:
+        """Draw the graph, one colour per space; returns the file written.
+
+        `view`: "layers" (one box per layer), "spaces" (one box per channel space, edges through the layers that
+        join them) or "auto" (the space view for graphs of over 250 layers). Without graphviz's `dot`, or when
+        it needs more than `timeout` seconds, the `.dot` source is written instead, with a warning.
+        """
         from atofx.visualize import draw_spaces
 
-        return draw_spaces(self, Path(path))
+        return draw_spaces(self, Path(path), view, timeout)
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

@@ -58,14 +58,15 @@ class TrainJob:
     threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
     amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32
     channels_last: bool = False  # NHWC memory format for the model and its 4-d inputs (faster convs on recent GPUs)
+    picture: bool = True  # draw OUT/zigs.svg (the space view for large models; `dot` capped at a minute)
 
 
 # fields that change what the dense reference learns: its stored accuracy is reused only when all match
 DENSE_SETTINGS = ("model", "dataset", "data_dir", "image_size", "epochs", "batch_size", "lr", "seed")
 # fields that change the run but not its results: a rerun may change them and still resume
-RUN_ONLY = ("out", "progress", "num_workers", "threads", "download", "device", "dense_reference")
+RUN_ONLY = ("out", "progress", "num_workers", "threads", "download", "device", "dense_reference", "picture")
 # field -> the `atofx train` flag that sets it, for messages
-FLAGS = {"dense_reference": "--no-dense-reference", "progress": "--quiet"}
+FLAGS = {"dense_reference": "--no-dense-reference", "progress": "--quiet", "picture": "--no-picture"}
 
 
 def flag(field: str) -> str:
@@ -302,8 +303,7 @@ def run(job: TrainJob) -> dict[str, Any]:
 
     ato = atofx.compile(model, example)
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
-    if ranks.main:
-        ato.visualize(out / "zigs.svg")
+    picture = ato.visualize(out / "zigs.svg") if ranks.main and job.picture else None
     optimizer, scheduler = default_optimizer(model, job.epochs, job.lr)
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
               optimizer=optimizer, scheduler=scheduler, amp=job.amp, channels_last=job.channels_last,
@@ -334,6 +334,7 @@ def run(job: TrainJob) -> dict[str, Any]:
         "ranks": ranks.world,
         "seconds": earlier_seconds + time.perf_counter() - started,  # the whole run, over every invocation
         "seconds_this_invocation": time.perf_counter() - started,
+        "picture": picture.name if picture is not None else None,
         "job": asdict(job),
     }
     if ranks.main:

@@ -149,3 +149,22 @@ def test_atofx_warnings_print_as_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("atofx.train_job.run", warns_then_fails)
     assert cli.main(["train", "--out", str(tmp_path)]) == cli.EXIT_ERROR
     assert capsys.readouterr().err.splitlines() == ["atofx: warning: few controller steps", "atofx: error: stopped"]
+
+
+def test_a_factory_next_to_the_command_imports_without_python_dash_m(tmp_path, monkeypatch, capsys):
+    """The `atofx` script does not put the current folder on sys.path as `python -m` does."""
+    (tmp_path / "atofx_here_models.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "atofx_here_models", raising=False)
+    assert cli.main(["inspect", "atofx_here_models:small_cnn", "--input-size", "3x16x16", "--no-picture"]) == 0
+    assert "2 prunable" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*zigs*")), "--no-picture draws nothing"
+
+
+def test_a_factory_that_needs_arguments_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "atofx_args_models.py").write_text("def make(width, depth=2):\n    raise AssertionError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["inspect", "atofx_args_models:make", "--out", str(tmp_path)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "needs arguments" in err and "'width'" in err and "Traceback" not in err

@@ -183,3 +183,18 @@ def test_an_interrupted_run_keeps_its_dense_stage_and_says_where_it_resumes(tiny
     first = log_records(Path(job.out))[0]["seconds"]
     assert summary["seconds"] >= summary["seconds_this_invocation"] + first
     assert "in all" in summary_table(summary | {"seconds": summary["seconds_this_invocation"] + 5})
+
+
+def test_the_last_line_names_the_picture_actually_written(tiny_job, monkeypatch, capsys):
+    from atofx import cli, visualize
+
+    out = Path(tiny_job().out)
+    argv = ["train", "--model", "atofx_tiny_models:tiny", "--epochs", "1", "--batch-size", "256", "--quiet",
+            "--no-dense-reference", "--out", str(out)]
+    monkeypatch.setattr(visualize.shutil, "which", lambda name: None)
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "zigs.dot" in captured.out.splitlines()[-1] and "zigs.svg" not in captured.out
+    assert "atofx: warning: graphviz's 'dot' program is not installed" in captured.err
+    assert cli.main([*argv, "--no-picture", "--out", str(out.parent / "bare")]) == 0
+    assert "zigs" not in capsys.readouterr().out and not list((out.parent / "bare").glob("zigs*"))
