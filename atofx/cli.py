@@ -22,13 +22,19 @@ from atofx.errors import AtofxError, AtofxWarning, ShapeError
 EXIT_ERROR = 2
 
 Command = Callable[[argparse.Namespace], int]
+# one line per subcommand for `atofx --help`, which builds no subcommand's arguments (they import torch)
+HELP = {
+    "inspect": "trace a model, print its channel spaces and draw its ZIGs",
+    "train": "train once with ATO and write the pruned model (default: digits, no download)",
+    "report": "print a finished run's summary table and redraw its plots",
+}
 
 
 # ---------------------------------------------------------------------------------------- inspect
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="trace a model, print its channel spaces and draw its ZIGs",
+        help=HELP["inspect"],
         description="Trace MODEL with torch.fx, print one row per channel space (width, producers, consumers, "
         "share of FLOPs, pinned and why) and write the picture <model>-zigs.svg.",
     )
@@ -143,7 +149,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     d = TrainJob()
     p = sub.add_parser(
         "train",
-        help="train once with ATO and write the pruned model (default: digits, no download)",
+        help=HELP["train"],
         description="Auto-Train-Once: train MODEL on DATASET with a controller that picks which channels to drop "
         "under a FLOPs budget, prune, and write OUT/: pruned.pt, summary.json, log.jsonl, zigs.svg, "
         "accuracy_flops.png, widths.png. Rerunning the same command resumes from OUT/checkpoints.",
@@ -227,7 +233,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="print a finished run's summary table and redraw its plots",
+        help=HELP["report"],
         description="Read RUN_DIR/summary.json, log.jsonl and widths.json (written by `atofx train`), print the "
         "summary table and redraw RUN_DIR/accuracy_flops.png and RUN_DIR/widths.png.",
     )
@@ -248,8 +254,16 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree; a new subcommand adds one `_add_<name>(sub)` call here."""
+ADDERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "inspect": _add_inspect, "train": _add_train, "report": _add_report}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; a new subcommand adds a HELP line and an `_add_<name>` function to ADDERS.
+
+    `only`: build that subcommand's arguments alone, the others as their help line (main passes the command
+    typed, so `atofx --help` and `atofx inspect ...` never import what the other subcommands need).
+    """
     from atofx import __version__
 
     parser = argparse.ArgumentParser(
@@ -257,10 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"atofx {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", required=True)
-    _add_inspect(sub)
-    _add_train(sub)
-    _add_report(sub)
+    for name, add in ADDERS.items():
+        if only is None or only == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=HELP[name])
     return parser
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The subcommand typed ("" when none is): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -273,7 +294,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atofx` script and `python -m atofx`; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     run: Command = args.run
     try:
