@@ -35,7 +35,7 @@ from atofx import distributed
 from atofx.controller import Controller, Masks
 from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
 from atofx.flops_regularizer import controller_loss
-from atofx.mask import Mask, rounded_count
+from atofx.mask import Mask, keep_at_least, rounded_count
 from atofx.mixed_precision import StepPrecision
 from atofx.passes.instrument import instrument
 from atofx.projection import ZIGParams
@@ -63,6 +63,7 @@ class ATOConfig:
     lam_boost: float = 10.0  # lambda multiplier reached at the last epoch once the mask is frozen
     round_to: int = 1  # the frozen mask keeps a multiple of this many ZIGs per space (1: any number)
     seed: int = 0
+    min_keep: dict[int, int] = field(default_factory=dict)  # space index -> fewest ZIGs kept (ato.train's max_pruned)
 
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
@@ -389,6 +390,9 @@ class ATOTrainer:
             logits = self.controller()
             for k in empty:
                 masks[k][logits[k].argmax()] = 1.0
+        if self.config.min_keep:
+            logits = self.controller()
+            masks = {k: keep_at_least(m, logits[k], self.config.min_keep.get(k, 0)) for k, m in masks.items()}
         return masks
 
     def final_mask(self) -> Mask:
@@ -428,7 +432,7 @@ class ATOTrainer:
                 if multiple > 1:
                     n = rounded_count(int(m.sum()), len(r), multiple)
                     m = torch.zeros_like(m).index_fill_(0, r.topk(n).indices, 1.0)
-                out[k] = m
+                out[k] = keep_at_least(m, r, self.config.min_keep.get(k, 0))
             return out
 
         lo, hi = 0.0, max(float(r.max()) for r in scores.values()) + 1.0
