@@ -23,7 +23,7 @@ from atofx.errors import (
 )
 
 if TYPE_CHECKING:
-    from atofx.counting import count_flops, count_params
+    from atofx.counting import count_flops, count_macs, count_params
     from atofx.mask import Mask
     from atofx.model import ATOModel, compile
     from atofx.passes.zig_inference import ChannelSpace
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from atofx.trainer import ATOConfig
 
 _LAZY = {
-    "count_flops": "atofx.counting", "count_params": "atofx.counting", "Mask": "atofx.mask",
+    "count_flops": "atofx.counting", "count_macs": "atofx.counting", "count_params": "atofx.counting", "Mask": "atofx.mask",
     "ATOModel": "atofx.model", "compile": "atofx.model", "ChannelSpace": "atofx.passes.zig_inference",
     "load": "atofx.serialization", "save": "atofx.serialization", "ATOConfig": "atofx.trainer",
 }
@@ -69,6 +69,7 @@ __all__ = [
     "Mask",
     "compile",
     "count_flops",
+    "count_macs",
     "count_params",
     "load",
     "save",

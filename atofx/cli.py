@@ -129,6 +129,7 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
     flops = (atofx.count_flops(ato.model, example), atofx.count_flops(small, example))
     params = (atofx.count_params(ato.model), atofx.count_params(small))
     rows = [["FLOPs (M)", f"{flops[0] / 1e6:.1f}", f"{flops[1] / 1e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
+            ["MACs (M) = FLOPs / 2", f"{flops[0] / 2e6:.1f}", f"{flops[1] / 2e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
             ["params (k)", f"{params[0] / 1e3:.1f}", f"{params[1] / 1e3:.1f}", f"{params[1] / params[0]:.3f}"]]
     print(f"\nrandom mask keeping {keep:.2f} of every prunable space (seed {seed}):")
     print(format_table(["", "before", "after", "ratio"], rows))

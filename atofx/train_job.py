@@ -362,14 +362,17 @@ def summary_table(s: dict[str, Any]) -> str:
     def acc(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}%"
 
+    def ops(flops: float) -> list[str]:  # FLOPs = 2 x MACs; Torch-Pruning and many papers report MACs
+        return [f"{flops / 1e6:.2f}", f"{flops / 2e6:.2f}"]
+
     rows = [
-        ["dense", acc(s["accuracy_dense"]), f"{s['flops_before'] / 1e6:.2f}", f"{s['params_before'] / 1e3:.1f}", "1.000"],
-        ["ATO trained", acc(s["accuracy_trained"]), f"{s['flops_before'] / 1e6:.2f}", f"{s['params_before'] / 1e3:.1f}",
+        ["dense", acc(s["accuracy_dense"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}", "1.000"],
+        ["ATO trained", acc(s["accuracy_trained"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}",
          "1.000"],
-        ["ATO pruned", acc(s["accuracy_pruned"]), f"{s['flops_after'] / 1e6:.2f}", f"{s['params_after'] / 1e3:.1f}",
+        ["ATO pruned", acc(s["accuracy_pruned"]), *ops(s["flops_after"]), f"{s['params_after'] / 1e3:.1f}",
          f"{s['flops_kept']:.3f}"],
     ]
-    table = format_table(["model", "accuracy", "MFLOPs", "kparams", "FLOPs kept"], rows)
+    table = format_table(["model", "accuracy", "MFLOPs", "MMACs", "kparams", "FLOPs kept"], rows)
     now = s.get("seconds_this_invocation", s["seconds"])
     took = f"{s['seconds']:.0f} s" + (f" in all, {now:.0f} s this time" if s["seconds"] - now >= 1 else "")
     return (f"{s['model']} on {s['dataset']}, {s['epochs']} epochs, target {s['target_flops']:.2f} of FLOPs kept "
