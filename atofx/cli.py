@@ -27,6 +27,7 @@ HELP = {
     "inspect": "trace a model, print its channel spaces and draw its ZIGs",
     "train": "train once with ATO and write the pruned model (default: digits, no download)",
     "report": "print a finished run's summary table and redraw its plots",
+    "export": "write a saved (pruned) model as ONNX, checked against PyTorch",
 }
 
 
@@ -254,9 +255,47 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help=HELP["export"],
+        description="Load MODEL_FILE (written by atofx.save or `atofx train`, like OUT/pruned.pt) and write it as "
+        "ONNX with a dynamic batch dim; the ONNX file's outputs are checked against PyTorch's. Needs the onnx and "
+        "onnxscript packages.",
+    )
+    p.add_argument("model_file", metavar="MODEL_FILE", type=Path, help="a file written by atofx.save")
+    p.add_argument("onnx_file", metavar="ONNX_FILE", type=Path, help="where to write the .onnx file")
+    p.add_argument("--input-size", metavar="CxHxW", type=_input_size, default=None,
+                   help="one input's shape without the batch dim (default: the shape the file was saved with)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import atofx
+    from atofx.export import export_onnx
+    from atofx.serialization import read_payload
+
+    model = atofx.load(args.model_file)
+    if args.input_size is not None:
+        shapes = [[2, *args.input_size]]
+    else:
+        shapes = read_payload(args.model_file).get("example_shapes")
+        if not shapes:
+            raise AtofxError(f"{args.model_file} does not record its input shape: give --input-size CxHxW.")
+    generator = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(max(2, s[0]), *s[1:], generator=generator) for s in shapes)
+    diff = export_onnx(model, args.onnx_file, example)
+    print(f"wrote {args.onnx_file} (input {'x'.join(map(str, ['N', *shapes[0][1:]]))}; outputs match PyTorch "
+          f"within {diff:.1e})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 ADDERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "inspect": _add_inspect, "train": _add_train, "report": _add_report}
+    "inspect": _add_inspect, "train": _add_train, "report": _add_report, "export": _add_export}
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -256,6 +256,9 @@ def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path
         "layers": {k: v for k, v in layers.items() if v},
         "graph": record,
         "graph_missing_because": why,
+        # shapes of the example inputs (what `atofx export` feeds the exporter); None when unknown
+        "example_shapes": [list(x.shape) for x in inputs] if inputs is not None
+        and all(isinstance(x, torch.Tensor) for x in inputs) else None,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
     }
     tmp = path.with_name(path.name + ".tmp")

@@ -104,7 +104,7 @@ def test_a_subcommand_is_required(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
-    assert "{inspect,train,report}" in capsys.readouterr().err
+    assert "{inspect,train,report,export}" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
