@@ -33,7 +33,7 @@ EQUIVALENCE_TOLERANCE = 1e-5
 # below these the controller has no time to learn a mask before it freezes (issue 17: 2 epochs, a mask frozen
 # after one epoch of controller steps, 15% accuracy against 62% for plain training)
 MIN_WINDOW_EPOCHS = 3
-MIN_WINDOW_STEPS = 50
+MIN_WINDOW_STEPS = 20
 
 
 def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str | None:

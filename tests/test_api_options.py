@@ -40,7 +40,7 @@ def test_a_static_run_or_a_long_schedule_does_not_warn(loader):
         warnings.simplefilter("error", atofx.AtofxWarning)
         ato.train(loader, 2, target_flops=0.6, method="static", progress=False)
     assert schedule_warning(Phases.of(ATOConfig(), 30), controller_batches=10, passes=1) is None
-    assert schedule_warning(Phases.of(ATOConfig(), 30), controller_batches=2, passes=1) is not None  # 24 steps
+    assert schedule_warning(Phases.of(ATOConfig(), 30), controller_batches=1, passes=1) is not None  # 12 steps
 
 
 def train_briefly(ato: atofx.ATOModel, loader: DataLoader, **kw) -> None:
