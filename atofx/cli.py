@@ -324,7 +324,8 @@ def _command(argv: Sequence[str]) -> str:
     return next((a for a in argv if not a.startswith("-")), "")
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
     """atofx's own warnings as one `atofx: warning:` line; others as Python prints them."""
     if issubclass(category, AtofxWarning):
         print(f"atofx: warning: {message}", file=sys.stderr)

@@ -281,7 +281,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
 
-    accuracy_dense, earlier_seconds = None, 0.0  # earlier: time earlier invocations spent on what is reused
+    accuracy_dense, earlier_seconds = None, 0.0  # seconds earlier invocations spent on what this one reuses
     if job.dense_reference:
         stored = _dense_reference(job, out)
         if stored is not None:
@@ -297,9 +297,12 @@ def run(job: TrainJob) -> dict[str, Any]:
     done = _finished_epochs(out / "checkpoints")
     if done:
         earlier_seconds += sum(r.get("seconds", 0.0) for r in done)
-        if progress:
+        if progress and len(done) < job.epochs:
             print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} (epochs 1-{len(done)} are "
                   f"checkpointed in {out / 'checkpoints'})", flush=True)
+        elif progress:
+            print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
+                  "the results again", flush=True)
 
     ato = atofx.compile(model, example)
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
