@@ -6,7 +6,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -420,9 +420,10 @@ class ATOModel:
 
             optimizer, default_schedule = default_optimizer(self.model, epochs)
             scheduler = scheduler or default_schedule
-        if trainer.config.method == "ato" and hasattr(train_loader, "dataset"):
-            n, batch = len(train_loader.dataset), getattr(train_loader, "batch_size", None) or 1
-            batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) / batch))
+        n = len(train_loader.dataset) if isinstance(getattr(train_loader, "dataset", None), Sized) else None
+        if trainer.config.method == "ato" and n:  # without a length, fit says why it cannot train
+            batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) /
+                                       (getattr(train_loader, "batch_size", None) or 1)))
             why = schedule_warning(trainer.phases, batches, trainer.config.controller_epochs)
             if why is not None:
                 warnings.warn(why, AtofxWarning, stacklevel=2)
