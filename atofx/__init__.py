@@ -1,8 +1,17 @@
-"""atofx: Auto-Train-Once structural pruning as a torch.fx compiler pass."""
+"""atofx: Auto-Train-Once structural pruning as a torch.fx compiler pass.
 
-from atofx.counting import count_flops, count_params
+The names below are imported on first use (PEP 562), so `atofx --help` and the command line's argument errors
+answer without importing torch; `import atofx` then `atofx.compile(...)` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from atofx.errors import (
     AtofxError,
+    AtofxWarning,
     ConfigError,
     DataError,
     EquivalenceError,
@@ -12,16 +21,42 @@ from atofx.errors import (
     TraceError,
     UnsafeCheckpointError,
 )
-from atofx.mask import Mask
-from atofx.model import ATOModel, compile
-from atofx.passes.zig_inference import ChannelSpace
-from atofx.serialization import load, save
-from atofx.trainer import ATOConfig
+
+if TYPE_CHECKING:
+    from atofx.counting import count_flops, count_macs, count_params
+    from atofx.mask import Mask
+    from atofx.model import ATOModel, compile
+    from atofx.passes.zig_inference import ChannelSpace
+    from atofx.serialization import load, save
+    from atofx.trainer import ATOConfig
+
+_LAZY = {
+    "count_flops": "atofx.counting", "count_macs": "atofx.counting", "count_params": "atofx.counting", "Mask": "atofx.mask",
+    "ATOModel": "atofx.model", "compile": "atofx.model", "ChannelSpace": "atofx.passes.zig_inference",
+    "load": "atofx.serialization", "save": "atofx.serialization", "ATOConfig": "atofx.trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name, or a submodule (`atofx.trainer`), when it is first used."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ATOConfig",
     "ATOModel",
     "AtofxError",
+    "AtofxWarning",
     "ConfigError",
     "DataError",
     "ChannelSpace",
@@ -34,6 +69,7 @@ __all__ = [
     "Mask",
     "compile",
     "count_flops",
+    "count_macs",
     "count_params",
     "load",
     "save",

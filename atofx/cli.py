@@ -17,18 +17,26 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, AtofxWarning, ShapeError
 
 EXIT_ERROR = 2
 
 Command = Callable[[argparse.Namespace], int]
+# one line per subcommand for `atofx --help`, which builds no subcommand's arguments (they import torch)
+HELP = {
+    "inspect": "trace a model, print its channel spaces and draw its ZIGs",
+    "train": "train once with ATO and write the pruned model (default: digits, no download)",
+    "report": "print a finished run's summary table and redraw its plots",
+    "recipes": "list the recipes (the paper's rows) with their targets and the paper's figures",
+    "export": "write a saved (pruned) model as ONNX, checked against PyTorch",
+}
 
 
 # ---------------------------------------------------------------------------------------- inspect
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
-        help="trace a model, print its channel spaces and draw its ZIGs",
+        help=HELP["inspect"],
         description="Trace MODEL with torch.fx, print one row per channel space (width, producers, consumers, "
         "share of FLOPs, pinned and why) and write the picture <model>-zigs.svg.",
     )
@@ -42,6 +50,10 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                    help="also prune a random mask keeping this share of every space and show FLOPs, params and "
                    "the equivalence check before and after")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask (default: 0)")
+    p.add_argument("--view", choices=("auto", "layers", "spaces"), default="auto",
+                   help="picture: one box per layer, or per channel space with edges through the layers that join "
+                   "them (default auto: spaces above 250 layers, where dot would take minutes)")
+    p.add_argument("--no-picture", action="store_true", help="print the report only, draw nothing")
     p.set_defaults(run=_run_inspect)
 
 
@@ -79,18 +91,26 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from atofx.model_zoo import load
 
     zoo = load(args.model, args.input_size)
-    with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
-        ato = atofx.compile(zoo.model, zoo.example)
+    try:
+        with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
+            ato = atofx.compile(zoo.model, zoo.example)
+    except ShapeError as exc:
+        given = "x".join(map(str, args.input_size)) if args.input_size else "the default"
+        what = str(exc).split(" Pass example_inputs")[0]  # the API's advice does not help on the command line
+        raise ShapeError(f"{what} With --input-size {given}, the model got a batch of shape "
+                         f"{tuple(zoo.example.shape)}: give --input-size as one sample's shape without the batch "
+                         "dim, CxHxW for images (like 3x64x64).") from exc
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())
-    args.out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        written = ato.visualize(args.out / f"{_file_stem(args.model)}-zigs.svg")
-    for w in caught:
-        if issubclass(w.category, UserWarning) and "dot" in str(w.message):
-            print(f"atofx: warning: {w.message}", file=sys.stderr)
-    print(f"wrote {written}")
+    if not args.no_picture:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = ato.visualize(args.out / f"{_file_stem(args.model)}-zigs.svg", view=args.view)
+        for w in caught:
+            if issubclass(w.category, UserWarning) and "dot" in str(w.message):
+                print(f"atofx: warning: {w.message}", file=sys.stderr)
+        print(f"wrote {written}")
     if args.prune_random is not None:
         _prune_random(ato, zoo.example, args.prune_random, args.seed)
     return 0
@@ -111,6 +131,7 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
     flops = (atofx.count_flops(ato.model, example), atofx.count_flops(small, example))
     params = (atofx.count_params(ato.model), atofx.count_params(small))
     rows = [["FLOPs (M)", f"{flops[0] / 1e6:.1f}", f"{flops[1] / 1e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
+            ["MACs (M) = FLOPs / 2", f"{flops[0] / 2e6:.1f}", f"{flops[1] / 2e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
             ["params (k)", f"{params[0] / 1e3:.1f}", f"{params[1] / 1e3:.1f}", f"{params[1] / params[0]:.3f}"]]
     print(f"\nrandom mask keeping {keep:.2f} of every prunable space (seed {seed}):")
     print(format_table(["", "before", "after", "ratio"], rows))
@@ -120,7 +141,7 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 # command-line dest -> TrainJob field, for the flags whose name differs from the field
-_FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress"}
+_FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress", "no_picture": "picture"}
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +153,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     d, c = TrainJob(), ATOConfig()
     p = sub.add_parser(
         "train",
-        help="train once with ATO and write the pruned model (default: digits, no download)",
+        help=HELP["train"],
         description="Auto-Train-Once: train MODEL on DATASET with a controller that picks which channels to drop "
         "under a FLOPs budget, prune, and write OUT/: pruned.pt, summary.json, log.jsonl, zigs.svg, "
         "accuracy_flops.png, widths.png. Rerunning the same command resumes from OUT/checkpoints.",
@@ -196,6 +217,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--hsp-eps", type=float, help=f"projection hsp: OTO's epsilon (default: {c.hsp_eps})")
     a.add_argument("--head-bias", type=_on_off, metavar="on|off", help="controller heads with a bias (default: "
                    f"{'on' if c.head_bias else 'off'})")
+    p.add_argument("--no-picture", action="store_true", help="do not draw OUT/zigs.svg")
     p.set_defaults(run=_run_train)
 
 
@@ -227,12 +249,18 @@ def _run_train(args: argparse.Namespace) -> int:
     job = train_job_from_args(args)
     try:
         summary = run(job)
+    except KeyboardInterrupt:
+        print(f"atofx: interrupted. Rerun the same command to resume from the last finished epoch (checkpoints in "
+              f"{Path(job.out) / 'checkpoints'}; a finished dense reference is kept in {Path(job.out) / 'dense.json'}).",
+              file=sys.stderr)
+        return 130
     finally:
         distributed.stop()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print(summary_table(summary))
-        print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), summary.json, log.jsonl, zigs.svg, "
-              "accuracy_flops.png, widths.png")
+        files = ["summary.json", "log.jsonl", *([summary["picture"]] if summary.get("picture") else []),
+                 "accuracy_flops.png", "widths.png"]
+        print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), {', '.join(files)}")
     return 0
 
 
@@ -240,7 +268,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report",
-        help="print a finished run's summary table and redraw its plots",
+        help=HELP["report"],
         description="Read RUN_DIR/summary.json, log.jsonl and widths.json (written by `atofx train`), print the "
         "summary table and redraw RUN_DIR/accuracy_flops.png and RUN_DIR/widths.png.",
     )
@@ -264,7 +292,7 @@ def _run_report(args: argparse.Namespace) -> int:
 def _add_recipes(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "recipes",
-        help="list the recipes (the paper's rows) with their targets and the paper's figures",
+        help=HELP["recipes"],
         description="One row per file in recipes/: model, dataset, FLOPs pruned and kept (the paper's row), the "
         "paper's dense and ATO top-1 where we could source them, epochs, global batch, optimiser. Run one with "
         "`atofx train --config recipes/<recipe>.yaml`.",
@@ -280,9 +308,56 @@ def _run_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help=HELP["export"],
+        description="Load MODEL_FILE (written by atofx.save or `atofx train`, like OUT/pruned.pt) and write it as "
+        "ONNX with a dynamic batch dim; the ONNX file's outputs are checked against PyTorch's. Needs the onnx and "
+        "onnxscript packages.",
+    )
+    p.add_argument("model_file", metavar="MODEL_FILE", type=Path, help="a file written by atofx.save")
+    p.add_argument("onnx_file", metavar="ONNX_FILE", type=Path, help="where to write the .onnx file")
+    p.add_argument("--input-size", metavar="CxHxW", type=_input_size, default=None,
+                   help="one input's shape without the batch dim (default: the shape the file was saved with)")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import atofx
+    from atofx.export import export_onnx
+    from atofx.serialization import read_payload
+
+    model = atofx.load(args.model_file)
+    if args.input_size is not None:
+        shapes = [[2, *args.input_size]]
+    else:
+        shapes = read_payload(args.model_file).get("example_shapes")
+        if not shapes:
+            raise AtofxError(f"{args.model_file} does not record its input shape: give --input-size CxHxW.")
+    generator = torch.Generator().manual_seed(0)
+    example = tuple(torch.randn(max(2, s[0]), *s[1:], generator=generator) for s in shapes)
+    diff = export_onnx(model, args.onnx_file, example)
+    print(f"wrote {args.onnx_file} (input {'x'.join(map(str, ['N', *shapes[0][1:]]))}; outputs match PyTorch "
+          f"within {diff:.1e})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree; a new subcommand adds one `_add_<name>(sub)` call here."""
+ADDERS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "inspect": _add_inspect, "train": _add_train, "report": _add_report, "recipes": _add_recipes,
+    "export": _add_export}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argparse tree; a new subcommand adds a HELP line and an `_add_<name>` function to ADDERS.
+
+    `only`: build that subcommand's arguments alone, the others as their help line (main passes the command
+    typed, so `atofx --help` and `atofx inspect ...` never import what the other subcommands need).
+    """
     from atofx import __version__
 
     parser = argparse.ArgumentParser(
@@ -290,20 +365,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"atofx {__version__}")
     sub = parser.add_subparsers(dest="command", title="commands", required=True)
-    _add_inspect(sub)
-    _add_train(sub)
-    _add_report(sub)
-    _add_recipes(sub)
+    for name, add in ADDERS.items():
+        if only is None or only == name:
+            add(sub)
+        else:
+            sub.add_parser(name, help=HELP[name])
     return parser
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The subcommand typed ("" when none is): the first word that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """atofx's own warnings as one `atofx: warning:` line; others as Python prints them."""
+    if issubclass(category, AtofxWarning):
+        print(f"atofx: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atofx` script and `python -m atofx`; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     run: Command = args.run
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
     except AtofxError as exc:
         message = " ".join(str(exc).split())
         print(f"atofx: error: {message}", file=sys.stderr)

@@ -41,3 +41,7 @@ class UnsafeCheckpointError(AtofxError):
 
 class MaskError(AtofxError):
     """A mask does not fit the model's channel spaces."""
+
+
+class AtofxWarning(UserWarning):
+    """Something runs but probably not as the user hopes (the command line prints it as `atofx: warning:`)."""

@@ -23,9 +23,22 @@ def rounded_count(n: int, width: int, multiple: int) -> int:
     return min(options, key=lambda k: (abs(k - n), k))
 
 
+def keep_at_least(bits: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """`bits` (0/1 floats or bools) with the `n` best-scored positions kept too: a space's cap on pruning."""
+    if int(bits.sum()) >= n:
+        return bits
+    out = bits.clone()
+    out[scores.topk(min(n, len(scores))).indices] = 1
+    return out
+
+
 @dataclass
 class Mask:
-    """`bits[space.index]` is a bool vector of the space's width; True keeps the channel."""
+    """`bits[space.index]` is a bool vector of the space's width; True keeps the channel.
+
+    Build one by hand with a vector per prunable space (`{s.index: torch.ones(s.width, dtype=torch.bool) for s
+    in ato.zigs.prunable}`, then clear the bits to drop), or from importance scores with `Mask.from_scores`.
+    """
 
     bits: dict[int, torch.Tensor]
 
@@ -45,6 +58,27 @@ class Mask:
             n = rounded_count(max(1, round(keep * s.width)), s.width, round_to)
             b = torch.zeros(s.width, dtype=torch.bool)
             b[torch.randperm(s.width, generator=gen)[:n]] = True
+            bits[s.index] = b
+        return cls(bits)
+
+    @classmethod
+    def from_scores(cls, zigs: ZIGSet, scores: dict[int, torch.Tensor], keep: float, round_to: int = 1) -> Mask:
+        """Keep the round(keep * width) best-scored ZIGs of every prunable space (at least one; with `round_to`, a
+        multiple of it). `scores[space.index]` holds one importance per ZIG, e.g. `ato.group_norms()` (L2 norm of
+        each ZIG's parameters) or your own criterion; spaces without scores keep every channel."""
+        if not 0.0 < keep <= 1.0:
+            raise MaskError(f"keep must be in (0, 1], got {keep}.")
+        bits = {}
+        for s in zigs.prunable:
+            b = torch.ones(s.width, dtype=torch.bool)
+            if s.index in scores:
+                score = torch.as_tensor(scores[s.index]).detach().cpu().flatten()
+                if score.shape != (s.width,):
+                    raise MaskError(f"scores for space {s.index} ({s.name}) have shape {tuple(score.shape)}, "
+                                    f"the space has width {s.width}.")
+                n = rounded_count(max(1, round(keep * s.width)), s.width, round_to)
+                b = torch.zeros(s.width, dtype=torch.bool)
+                b[score.topk(n).indices] = True
             bits[s.index] = b
         return cls(bits)
 

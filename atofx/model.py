@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterable, Sequence
+import math
+import warnings
+from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from atofx import distributed
-from atofx.errors import AtofxError, ConfigError, DataError, EquivalenceError, ShapeError
+from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError, EquivalenceError, ShapeError
 from atofx.mask import Mask
 from atofx.mixed_precision import StepPrecision
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
@@ -28,6 +30,23 @@ from atofx.serialization import example_inputs_of
 from atofx.trainer import ATOConfig, ATOTrainer, fit, split_batch
 
 EQUIVALENCE_TOLERANCE = 1e-5
+# below these the controller has no time to learn a mask before it freezes (issue 17: 2 epochs, a mask frozen
+# after one epoch of controller steps, 15% accuracy against 62% for plain training)
+MIN_WINDOW_EPOCHS = 3
+MIN_WINDOW_STEPS = 20
+
+
+def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str | None:
+    """Why a run's schedule leaves the controller too few epochs or steps to learn its mask, or None."""
+    window = phases.end - phases.start
+    steps = window * controller_batches * passes
+    if window >= MIN_WINDOW_EPOCHS and steps >= MIN_WINDOW_STEPS:
+        return None
+    return (f"with {phases.epochs} epochs the controller learns the mask in {window} epoch(s) "
+            f"({steps} controller steps; it needs about {MIN_WINDOW_EPOCHS} epochs and {MIN_WINDOW_STEPS} steps) and "
+            f"the mask then freezes: expect a large accuracy loss. Train for more epochs (at least "
+            f"{math.ceil(MIN_WINDOW_EPOCHS / 0.4)}; `atofx train --epochs`), give the controller more data or passes "
+            "(controller_data, controller_epochs), or use method='static'.")
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -190,6 +209,75 @@ class ATOModel:
         """Keep a random `keep` share of every prunable space (never all of a space dropped)."""
         return Mask.random(self.zigs, keep, seed)
 
+    def spaces_of(self, target: Any) -> list[ChannelSpace]:
+        """The channel spaces a target names: a ChannelSpace, a space index or name, or a layer (module or its
+        path, like "fc" or "layer1.0.conv1": the spaces it writes; a container: those its layers write)."""
+        spaces = self.zigs.spaces
+        if isinstance(target, ChannelSpace):
+            return [spaces[target.index]]
+        if isinstance(target, int) and not isinstance(target, bool):
+            if not 0 <= target < len(spaces):
+                raise ConfigError(f"space index {target} is out of range: the model has spaces 0..{len(spaces) - 1} "
+                                  "(ato.report() lists them).")
+            return [spaces[target]]
+        if isinstance(target, nn.Module):
+            path = next((name for name, m in self.model.named_modules() if m is target), None)
+            if path is None:
+                raise ConfigError(f"the {type(target).__name__} given is not a layer of this model; pass one of its "
+                                  "modules or a module path like 'fc'.")
+            target = path
+        if not isinstance(target, str):
+            raise ConfigError(f"cannot pin a {type(target).__name__}: give a module, a module path, a space index "
+                              "or a ChannelSpace.")
+        found = [s for s in spaces if s.name == target]
+        found += [s for s in spaces if s not in found
+                  and any(p == target or p.startswith(target + ".") for p in s.producers)]
+        if not found:
+            import difflib
+
+            names = [n for n, _ in self.model.named_modules() if n] + [s.name for s in spaces]
+            close = difflib.get_close_matches(target, names, n=3)
+            raise ConfigError(f"no layer or channel space {target!r} in the model"
+                              + (f"; did you mean {', '.join(close)}?" if close else "; ato.report() lists the spaces."))
+        return found
+
+    def pin(self, *targets: Any, reason: str = "pinned by the user") -> list[ChannelSpace]:
+        """Never prune the spaces these targets name (see `spaces_of`); they stay pinned for later masks and runs.
+
+        Torch-Pruning's `ignored_layers`: `ato.pin(model.fc)` keeps every output channel of `fc`.
+        """
+        pinned = [s for t in targets for s in self.spaces_of(t)]
+        for s in pinned:
+            if not s.pinned:
+                s.pinned, s.reason = True, reason
+        self._flops = None
+        return pinned
+
+    def group_norms(self) -> dict[int, torch.Tensor]:
+        """Importance of every ZIG of every prunable space: the L2 norm of all its parameters (for Mask.from_scores)."""
+        from atofx.projection import ZIGParams
+
+        norms = ZIGParams.of(self).group_norms().detach().cpu()
+        return {s.index: norms[torch.as_tensor(s.components)] for s in self.zigs.prunable}
+
+    def mask_from_scores(self, scores: dict[int, torch.Tensor], keep: float = 0.5, round_to: int = 1) -> Mask:
+        """Keep the best-scored `keep` share of every prunable space; `scores`: one value per ZIG, by space index."""
+        return Mask.from_scores(self.zigs, scores, keep, round_to)
+
+    def _min_keep(self, max_pruned: float | dict[Any, float] | None) -> dict[int, int]:
+        """Fewest ZIGs kept per space index from `max_pruned` (a share for every space, or per target)."""
+        if max_pruned is None:
+            return {}
+        shares = {s.index: max_pruned for s in self.zigs.prunable} if isinstance(max_pruned, (int, float)) else \
+            {s.index: share for t, share in dict(max_pruned).items() for s in self.spaces_of(t)}
+        out = {}
+        for index, share in shares.items():
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"max_pruned is the share of a space's channels that may go and must be in [0, 1], "
+                                  f"got {share} for space {index}.")
+            out[index] = max(1, math.ceil((1.0 - share) * self.zigs.spaces[index].width - 1e-9))
+        return out
+
     def flops(self, mask: Mask | None = None) -> float:
         """FLOPs the model would have with `mask` applied (the dense count without one)."""
         keep = mask.as_float() if mask is not None else {}
@@ -243,16 +331,23 @@ class ATOModel:
         )
 
     # ------------------------------------------------------------------ training
-    def start_training(self, epochs: int, target_flops: float, device: str | torch.device | None = None,
-                       **config: Any) -> ATOTrainer:
+    def start_training(self, epochs: int, target_flops: float, device: str | torch.device | None = None, *,
+                       ignored_layers: Iterable[Any] = (), pin: Iterable[Any] = (),
+                       max_pruned: float | dict[Any, float] | None = None, **config: Any) -> ATOTrainer:
         """Set up an ATO run for a custom loop; then call after_optimizer_step, controller_step, end_epoch.
 
-        `config` holds ATOConfig's options; `flavour="official"` starts from `ATOConfig.official()`.
+        `ignored_layers` / `pin`: layers (modules or paths) or spaces never pruned (`ato.pin`). `max_pruned`: the
+        largest share of a space's channels that may go, for every space (a float) or per layer or space (a dict).
+        Other keywords are ATOConfig fields (`flavour="official"` starts from `ATOConfig.official()`); an unknown one is a
+        ConfigError naming the nearest valid option.
         """
         if self._zigs is None:
             raise AtofxError("analyse the model first: atofx.compile(model, example_inputs) or ato.analyze(batch).")
+        check_options(config)
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}.")
+        self.pin(*ignored_layers, *pin)
+        config["min_keep"] = self._min_keep(max_pruned)
         dev = resolve_device(device, self.model)
         self.model.to(dev)
         flavour = config.pop("flavour", "atofx")
@@ -329,6 +424,13 @@ class ATOModel:
 
             optimizer, default_schedule = default_optimizer(self.model, epochs)
             scheduler = scheduler or default_schedule
+        n = len(train_loader.dataset) if isinstance(getattr(train_loader, "dataset", None), Sized) else None
+        if trainer.config.method == "ato" and n:  # without a length, fit says why it cannot train
+            batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) /
+                                       (getattr(train_loader, "batch_size", None) or 1)))
+            why = schedule_warning(trainer.phases, batches, trainer.config.controller_epochs)
+            if why is not None:
+                warnings.warn(why, AtofxWarning, stacklevel=2)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         log = Path(log_path) if log_path is not None else (folder / "log.jsonl" if folder is not None else None)
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
@@ -343,11 +445,47 @@ class ATOModel:
 
         return spaces_table(self)
 
-    def visualize(self, path: str | Path) -> Path:
-        """Draw the graph, one colour per space; returns the file written (.dot without graphviz)."""
+    def visualize(self, path: str | Path, view: str = "auto", timeout: float = 60.0) -> Path:
+        """Draw the graph, one colour per space; returns the file written.
+
+        `view`: "layers" (one box per layer), "spaces" (one box per channel space, edges through the layers that
+        join them) or "auto" (the space view for graphs of over 250 layers). Without graphviz's `dot`, or when
+        it needs more than `timeout` seconds, the `.dot` source is written instead, with a warning.
+        """
         from atofx.visualize import draw_spaces
 
-        return draw_spaces(self, Path(path))
+        return draw_spaces(self, Path(path), view, timeout)
+
+
+# what users of other pruning libraries pass, and what atofx offers instead
+_ELSEWHERE = {
+    "importance": "ATO's controller picks the channels; to prune by an importance score yourself, build a mask with "
+                  "ato.mask_from_scores(scores, keep) (ato.group_norms() gives L2 norms) and call ato.prune(mask)",
+    "pruning_ratio": "atofx budgets FLOPs: target_flops is the share of FLOPs kept",
+    "ch_sparsity": "atofx budgets FLOPs: target_flops is the share of FLOPs kept",
+    "pruning_ratio_dict": "max_pruned={layer or space: share} caps what may go per layer or space",
+    "ch_sparsity_dict": "max_pruned={layer or space: share} caps what may go per layer or space",
+    "global_pruning": "ATO prunes globally under one FLOPs budget (target_flops)",
+    "iterative_steps": "ATO trains once and prunes at the end; there are no pruning steps",
+    "unwrapped_parameters": "atofx finds every parameter's channels from the traced graph",
+}
+
+
+def check_options(config: dict[str, Any]) -> None:
+    """Refuse keywords that are not ATOConfig fields, naming the nearest valid option (or atofx's equivalent)."""
+    import difflib
+    from dataclasses import fields
+
+    valid = [f.name for f in fields(ATOConfig) if f.name != "min_keep"] + ["flavour"]
+    for key in config:
+        if key in valid:
+            continue
+        valid += ["ignored_layers", "pin", "max_pruned", *inspect.signature(ATOModel.train).parameters]
+        if key in _ELSEWHERE:
+            raise ConfigError(f"atofx has no option {key!r}: {_ELSEWHERE[key]}.")
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        raise ConfigError(f"unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
+                          + f" Valid options: {', '.join(sorted(set(valid) - {'self', 'config'}))}.")
 
 
 def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

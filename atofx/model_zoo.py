@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import os
 import re
+import sys
 from dataclasses import dataclass
 from functools import cache
 
@@ -94,6 +97,11 @@ def _import_factory(spec: str) -> object:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelNotFoundError(f"cannot read model {spec!r}: write package.module:factory.")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        # `python -m atofx` puts the current folder on sys.path; the `atofx` script does not, yet the README
+        # says to run it from the folder that holds the module
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -119,6 +127,15 @@ def _load_factory(spec: str, input_size: tuple[int, ...] | None) -> tuple[nn.Mod
     if isinstance(factory, nn.Module):
         result: object = factory
     elif callable(factory):
+        try:
+            inspect.signature(factory).bind()
+        except TypeError as exc:
+            raise ModelNotFoundError(
+                f"{spec} needs arguments ({exc}); atofx calls it with none. Give defaults to its arguments, or "
+                "add a function without arguments that calls it with yours (def model(): return factory(...))."
+            ) from None
+        except ValueError:  # no signature to read (a builtin): call it and see
+            pass
         result = factory()
     else:
         raise ModelNotFoundError(f"{spec!r} is a {type(factory).__name__}, not a callable that returns an nn.Module.")

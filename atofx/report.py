@@ -49,7 +49,8 @@ def spaces_table(ato: ATOModel) -> str:
     unknown = sorted(set(zigs.facts.unknown_ops.values()))
     summary = (
         f"{len(zigs.spaces)} channel spaces, {n_prunable} prunable ({prunable_width} ZIGs); "
-        f"{ato.flops_model.total / 1e6:.1f} MFLOPs"
+        f"{ato.flops_model.total / 1e6:.1f} MFLOPs = {ato.flops_model.total / 2e6:.1f} M MACs (FLOPs = 2 x MACs; "
+        "Torch-Pruning reports MACs)"
     )
     if unknown:
         summary += "\nops outside the rule table (their channels are pinned): " + "; ".join(unknown)

@@ -10,6 +10,7 @@ few more), so `atofx.load(path)` rebuilds a runnable module with no source at al
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import operator
 import pickle
@@ -28,7 +29,7 @@ from atofx.passes.op_rules import RULES
 from atofx.passes.tracing import trace
 
 FORMAT = "atofx.pruned"
-VERSION = 1
+VERSION = 2  # 2: a "checksum" of the tensors; version-1 files (none) load unchecked
 _CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "num_channels", "num_groups",
                   "in_features", "out_features", "num_parameters")
 _EXTRA_FUNCTIONS = (
@@ -204,6 +205,30 @@ def _rebuild(record: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> fx.
 # ---------------------------------------------------------------- public API
 
 
+def tensor_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: a flipped byte in the file changes it.
+
+    torch.load does not check the zip's CRCs, so a damaged file would otherwise load with wrong weights.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_tensors(path: str | Path, payload: dict[str, Any]) -> None:
+    """Refuse a file whose tensors no longer match the checksum written with them."""
+    expected = payload.get("checksum")
+    if expected is None and payload.get("version", 1) < 2:
+        return
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or expected != tensor_checksum(state):
+        raise AtofxError(f"{path} is damaged: its tensors do not match the checksum written with them (a disk or "
+                         "copy error). Copy or save the model again; do not use this file.")
+
+
 def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path:
     """Save a (pruned) model so that `atofx.load` can rebuild it in a new process."""
     path = Path(path)
@@ -222,13 +247,18 @@ def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path
         record, why = None, str(exc)
     layers = {name: {a: getattr(m, a) for a in _CHANNEL_ATTRS if isinstance(getattr(m, a, None), int)}
               for name, m in model.named_modules()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
         "version": VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "checksum": tensor_checksum(state),
         "layers": {k: v for k, v in layers.items() if v},
         "graph": record,
         "graph_missing_because": why,
+        # shapes of the example inputs (what `atofx export` feeds the exporter); None when unknown
+        "example_shapes": [list(x.shape) for x in inputs] if inputs is not None
+        and all(isinstance(x, torch.Tensor) for x in inputs) else None,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -276,21 +306,52 @@ def _shrink_into(model: nn.Module, payload: dict[str, Any]) -> nn.Module:
     return model
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Load a model saved by `atofx.save`.
+def _first(keys: list[str], shapes: dict[str, Any], limit: int = 3) -> str:
+    shown = ", ".join(f"{k} {tuple(shapes[k])}" for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
-    Without `model`: a GraphModule rebuilt from the stored graph (no source needed).
-    With `model`: a fresh, unpruned instance of the same architecture, shrunk to the saved
-    widths and loaded; you get your own classes back.
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` out of `model`, in a line: the first tensors only one side has, or whose rank differs."""
+    own = {k: v.shape for k, v in model.state_dict().items()}
+    saved = {k: v.shape for k, v in state.items()}
+    only_file = [k for k in saved if k not in own]
+    only_model = [k for k in own if k not in saved]
+    rank = [k for k in saved if k in own and len(saved[k]) != len(own[k])]
+    parts = []
+    if only_file:
+        parts.append(f"the file has {len(only_file)} tensors the model lacks: {_first(only_file, saved)}")
+    if only_model:
+        parts.append(f"the model has {len(only_model)} tensors the file lacks: {_first(only_model, own)}")
+    if rank:
+        parts.append("tensors of another rank: " + ", ".join(f"{k} saved {tuple(saved[k])}, model {tuple(own[k])}"
+                                                               for k in rank[:3]))
+    return "; ".join(parts) or None
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a model saved by `atofx.save`; the two forms return different types.
+
+    Without `model`: a `torch.fx.GraphModule` rebuilt from the stored graph (no source needed; its
+    submodules keep the saved names, its class is not yours).
+    With `model`: that very instance (a fresh, unpruned one of the same architecture), shrunk to the
+    saved widths and loaded; you get your own classes and methods back.
+    A file whose tensors do not match their checksum is refused as damaged.
     """
     payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AtofxError(f"{path} is not an atofx pruned-model file; save one with atofx.save(model, path).")
+    _check_tensors(path, payload)
     if model is not None:
+        fits = f"{path} does not fit the given model ({payload['class']} was saved)"
+        why = _mismatch(model, payload["state_dict"])
+        if why is not None:
+            raise AtofxError(f"{fits}: {why}. Pass a fresh instance of the saved architecture.")
         try:
             return _shrink_into(model, payload)
         except (RuntimeError, AttributeError, KeyError) as exc:
-            raise AtofxError(f"{path} does not fit the given model ({payload['class']} was saved): {exc}") from exc
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AtofxError(f"{fits}: {first_line[:300]}") from exc
     if payload["graph"] is None:
         raise AtofxError(
             f"{path} holds no graph ({payload['graph_missing_because']}); load it into a fresh instance of the "

@@ -24,7 +24,7 @@ import atofx
 from atofx import distributed
 from atofx.cifar_models import CIFAR_MODELS
 from atofx.datasets import DATASETS, load_images, loaders
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, ConfigError
 from atofx.model import resolve_device
 from atofx.plain_training import train_plain
 from atofx.plots import draw_run_plots
@@ -83,6 +83,8 @@ class TrainJob:
     head_bias: bool | None = None
     freeze_mask: str | None = None
     search_space: str | None = None
+
+    picture: bool = True  # draw OUT/zigs.svg (the space view for large models; `dot` capped at a minute)
 
 
 ATO_OPTIONS = ("step_size", "lam_schedule", "lam_boost", "lam_jump_at", "hsp_eps", "sampling", "regularizer",
@@ -171,6 +173,76 @@ class SoftTargetLoader:
             x = w * x + (1.0 - w) * x[perm]
             target = w * target + (1.0 - w) * target[perm]
         return x, target
+
+
+# fields that change what the dense reference learns: its stored accuracy is reused only when all match
+DENSE_SETTINGS = ("model", "dataset", "data_dir", "image_size", "epochs", "batch_size", "lr", "seed", "optimizer",
+                  "weight_decay", "warmup_epochs", "label_smoothing", "mixup")
+# fields that change the run but not its results: a rerun may change them and still resume
+RUN_ONLY = ("out", "progress", "num_workers", "threads", "download", "device", "dense_reference", "picture")
+# field -> the `atofx train` flag that sets it, for messages
+FLAGS = {"dense_reference": "--no-dense-reference", "progress": "--quiet", "picture": "--no-picture"}
+
+
+def flag(field: str) -> str:
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def validate_job(job: TrainJob) -> None:
+    """Refuse numbers out of range before any data is loaded or any epoch trained (flags named as typed)."""
+    at_least = {"epochs": 1, "batch_size": 1, "num_workers": 0, "threads": 1, "image_size": 1,
+                "controller_epochs": 1}
+    for name, low in at_least.items():
+        value = getattr(job, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ConfigError(f"{flag(name)} must be a whole number >= {low}, got {value!r}.")
+    if not job.lr > 0:
+        raise ConfigError(f"--lr must be a positive learning rate, got {job.lr!r}.")
+    if job.controller_data is not None and not 0.0 < job.controller_data <= 1.0:
+        raise ConfigError(f"controller_data must be in (0, 1], got {job.controller_data!r}.")
+
+
+def job_settings(job: TrainJob) -> dict[str, Any]:
+    """The fields a resumed run must share with the run that wrote OUT/."""
+    return {k: v for k, v in asdict(job).items() if k not in RUN_ONLY}
+
+
+def check_same_run(job: TrainJob, out: Path) -> None:
+    """Refuse, before any training, to resume OUT/checkpoints written with other settings; say how to go on."""
+    record, ckpt_dir = out / "job.json", out / "checkpoints"
+    if not record.exists() or not any(ckpt_dir.glob("checkpoint*.pt")):
+        return
+    try:
+        old = json.loads(record.read_text())
+    except ValueError:
+        return  # a damaged record: the checkpoint's own fingerprint still guards the resume
+    new = job_settings(job)
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff:
+        changes = ", ".join(f"{flag(k)} {old[k]} -> {new[k]}" for k in diff)
+        raise ConfigError(
+            f"{out} holds an unfinished or finished run with other settings ({changes}). Give another --out for "
+            f"the new run, or delete {ckpt_dir} to train afresh in {out}.")
+
+
+def _dense_reference(job: TrainJob, out: Path) -> dict[str, Any] | None:
+    """OUT/dense.json if it was written with the same dense settings, else None (it is then trained again)."""
+    path = out / "dense.json"
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return None
+    want = {k: getattr(job, k) for k in DENSE_SETTINGS}
+    return stored if stored.get("settings") == want and "accuracy_dense" in stored else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Through a temporary file, so an interrupt never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -332,13 +404,16 @@ def run(job: TrainJob) -> dict[str, Any]:
     Under torchrun every rank runs this; they share the work, and rank 0 alone writes OUT/.
     """
     started = time.perf_counter()
-    # ATO's and the training's options are checked before the dense reference spends its epochs
+    # the job's, ATO's and the training's options are checked before the dense reference spends its epochs
+    validate_job(job)
     config = ato_config(job)
     check_training(job)
-    ranks = distributed.start(_device_type(job.device))
     out = Path(job.out)
+    check_same_run(job, out)
+    ranks = distributed.start(_device_type(job.device))
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "job.json", job_settings(job))
     progress = job.progress and ranks.main
     threads = job.threads if job.threads is not None else (1 if job.dataset == "digits" else None)
     if threads is not None:
@@ -354,22 +429,33 @@ def run(job: TrainJob) -> dict[str, Any]:
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
 
-    accuracy_dense = None
-    dense_file = out / "dense.json"
+    accuracy_dense, earlier_seconds = None, 0.0  # seconds earlier invocations spent on what this one reuses
     if job.dense_reference:
-        if dense_file.exists():
-            accuracy_dense = json.loads(dense_file.read_text())["accuracy_dense"]
+        stored = _dense_reference(job, out)
+        if stored is not None:
+            accuracy_dense, earlier_seconds = stored["accuracy_dense"], stored.get("seconds", 0.0)
         else:
+            dense_started = time.perf_counter()
             train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
                         make_optimizer=lambda m: job_optimizer(job, m))
             accuracy_dense = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
-            if ranks.main:
-                dense_file.write_text(json.dumps({"accuracy_dense": accuracy_dense}))
+            if ranks.main:  # kept across an interrupt: a rerun with the same settings does not train it again
+                _write_json(out / "dense.json", {"accuracy_dense": accuracy_dense,
+                                                 "seconds": time.perf_counter() - dense_started,
+                                                 "settings": {k: getattr(job, k) for k in DENSE_SETTINGS}})
+    done = _finished_epochs(out / "checkpoints")
+    if done:
+        earlier_seconds += sum(r.get("seconds", 0.0) for r in done)
+        if progress and len(done) < job.epochs:
+            print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} (epochs 1-{len(done)} are "
+                  f"checkpointed in {out / 'checkpoints'})", flush=True)
+        elif progress:
+            print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
+                  "the results again", flush=True)
 
     ato = atofx.compile(model, example)
     flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
-    if ranks.main:
-        ato.visualize(out / "zigs.svg")
+    picture = ato.visualize(out / "zigs.svg") if ranks.main and job.picture else None
     optimizer, scheduler = job_optimizer(job, model)
     options = {k: v for k, v in asdict(config).items() if k in ATO_OPTIONS}
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
@@ -399,7 +485,9 @@ def run(job: TrainJob) -> dict[str, Any]:
         "accuracy_pruned": accuracy_pruned,
         "epochs": job.epochs,
         "ranks": ranks.world,
-        "seconds": time.perf_counter() - started,
+        "seconds": earlier_seconds + time.perf_counter() - started,  # the whole run, over every invocation
+        "seconds_this_invocation": time.perf_counter() - started,
+        "picture": picture.name if picture is not None else None,
         "job": asdict(job),
         "ato": asdict(config),  # every ATO option the run used, the flavour's included
     }
@@ -413,17 +501,33 @@ def run(job: TrainJob) -> dict[str, Any]:
     return summary
 
 
+def _finished_epochs(folder: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the checkpoint a rerun resumes from ([] without one)."""
+    from atofx.checkpoint import read_latest
+
+    try:
+        saved, _ = read_latest(folder)
+    except AtofxError:
+        return []  # fit names the problem with the checkpoint itself
+    return list(saved.get("history", [])) if saved else []
+
+
 def summary_table(s: dict[str, Any]) -> str:
     def acc(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}%"
 
+    def ops(flops: float) -> list[str]:  # FLOPs = 2 x MACs; Torch-Pruning and many papers report MACs
+        return [f"{flops / 1e6:.2f}", f"{flops / 2e6:.2f}"]
+
     rows = [
-        ["dense", acc(s["accuracy_dense"]), f"{s['flops_before'] / 1e6:.2f}", f"{s['params_before'] / 1e3:.1f}", "1.000"],
-        ["ATO trained", acc(s["accuracy_trained"]), f"{s['flops_before'] / 1e6:.2f}", f"{s['params_before'] / 1e3:.1f}",
+        ["dense", acc(s["accuracy_dense"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}", "1.000"],
+        ["ATO trained", acc(s["accuracy_trained"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}",
          "1.000"],
-        ["ATO pruned", acc(s["accuracy_pruned"]), f"{s['flops_after'] / 1e6:.2f}", f"{s['params_after'] / 1e3:.1f}",
+        ["ATO pruned", acc(s["accuracy_pruned"]), *ops(s["flops_after"]), f"{s['params_after'] / 1e3:.1f}",
          f"{s['flops_kept']:.3f}"],
     ]
-    table = format_table(["model", "accuracy", "MFLOPs", "kparams", "FLOPs kept"], rows)
+    table = format_table(["model", "accuracy", "MFLOPs", "MMACs", "kparams", "FLOPs kept"], rows)
+    now = s.get("seconds_this_invocation", s["seconds"])
+    took = f"{s['seconds']:.0f} s" + (f" in all, {now:.0f} s this time" if s["seconds"] - now >= 1 else "")
     return (f"{s['model']} on {s['dataset']}, {s['epochs']} epochs, target {s['target_flops']:.2f} of FLOPs kept "
-            f"({s['seconds']:.0f} s)\n{table}")
+            f"({took})\n{table}")

@@ -38,7 +38,7 @@ from atofx import distributed
 from atofx.controller import Controller, Masks
 from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
 from atofx.flops_regularizer import controller_loss
-from atofx.mask import Mask, rounded_count
+from atofx.mask import Mask, keep_at_least, rounded_count
 from atofx.mixed_precision import StepPrecision
 from atofx.passes.instrument import instrument
 from atofx.projection import ZIGParams
@@ -107,6 +107,7 @@ class ATOConfig:
     # parameters are all exactly zero (dead channels cost FLOPs and give nothing); neither bisects
     freeze_mask: str = "bisect"
     search_space: str = "all"  # "all": every prunable space; "internal": only spaces inside one block (official)
+    min_keep: dict[int, int] = field(default_factory=dict)  # space index -> fewest ZIGs kept (ato.train's max_pruned)
 
     @classmethod
     def official(cls, **overrides: Any) -> ATOConfig:
@@ -583,6 +584,9 @@ class ATOTrainer:
             logits = self.controller()
             for k in empty:
                 masks[k][logits[k].argmax()] = 1.0
+        if self.config.min_keep:
+            logits = self.controller()
+            masks = {k: keep_at_least(m, logits[k], self.config.min_keep.get(k, 0)) for k, m in masks.items()}
         return masks
 
     def final_mask(self) -> Mask:
@@ -648,7 +652,7 @@ class ATOTrainer:
                 if multiple > 1:
                     n = rounded_count(int(m.sum()), len(r), multiple)
                     m = torch.zeros_like(m).index_fill_(0, r.topk(n).indices, 1.0)
-                out[k] = m
+                out[k] = keep_at_least(m, r, self.config.min_keep.get(k, 0))
             return out
 
         lo, hi = 0.0, max(float(r.max()) for r in scores.values()) + 1.0

@@ -104,7 +104,7 @@ def test_a_subcommand_is_required(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
-    assert "{inspect,train,report,recipes}" in capsys.readouterr().err
+    assert "{inspect,train,report,recipes,export}" in capsys.readouterr().err
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
@@ -113,3 +113,68 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                           cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "did you mean resnet18" in proc.stderr
+
+
+def test_train_numbers_out_of_range_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["train", "--batch-size", "0", "--out", str(tmp_path), "--quiet"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("atofx: error: --batch-size must be") and err.count("\n") == 1
+
+
+def test_a_two_number_input_size_is_answered_with_cxhxw(user_module, tmp_path, capsys):
+    assert cli.main(["inspect", f"{user_module}:small_cnn", "--input-size", "16x16", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "batch of shape (1, 16, 16)" in err and "CxHxW" in err and "example_inputs" not in err
+
+
+def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("atofx.train_job.run", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Rerun the same command to resume" in err and str(tmp_path / "run" / "checkpoints") in err
+
+
+def test_atofx_warnings_print_as_one_line(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import atofx
+
+    def warns_then_fails(job):
+        warnings.warn("few controller steps", atofx.AtofxWarning, stacklevel=1)
+        raise atofx.AtofxError("stopped")
+
+    monkeypatch.setattr("atofx.train_job.run", warns_then_fails)
+    assert cli.main(["train", "--out", str(tmp_path)]) == cli.EXIT_ERROR
+    assert capsys.readouterr().err.splitlines() == ["atofx: warning: few controller steps", "atofx: error: stopped"]
+
+
+def test_a_factory_next_to_the_command_imports_without_python_dash_m(tmp_path, monkeypatch, capsys):
+    """The `atofx` script does not put the current folder on sys.path as `python -m` does."""
+    (tmp_path / "atofx_here_models.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "atofx_here_models", raising=False)
+    assert cli.main(["inspect", "atofx_here_models:small_cnn", "--input-size", "3x16x16", "--no-picture"]) == 0
+    assert "2 prunable" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*zigs*")), "--no-picture draws nothing"
+
+
+def test_a_factory_that_needs_arguments_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "atofx_args_models.py").write_text("def make(width, depth=2):\n    raise AssertionError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["inspect", "atofx_args_models:make", "--out", str(tmp_path)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "needs arguments" in err and "'width'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["report", "--help"], ["nosuchcommand"],
+                                  ["inspect", "resnet18", "--no-such-flag"]])
+def test_help_and_argument_errors_import_no_torch(argv):
+    """torch takes seconds to import: `atofx --help` and a mistyped flag must not wait for it."""
+    code = ("import sys\nfrom atofx import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip().splitlines()[-1] == "no torch", proc.stdout + proc.stderr

@@ -247,3 +247,51 @@ def test_save_replaces_a_file_atomically(saved, tmp_path):
     atofx.save(small, target, (x,))
     assert relative_difference(expected, run_eval(atofx.load(target), (x,))) <= 1e-6
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def _largest_tensor_offset(path: Path) -> tuple[int, int]:
+    """(offset, size) of the bytes of the largest tensor stored in a torch.save zip file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = path.read_bytes()
+    name_len, extra_len = (int.from_bytes(raw[info.header_offset + k: info.header_offset + k + 2], "little")
+                           for k in (26, 28))
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def test_a_file_with_flipped_tensor_bytes_is_refused_as_damaged(saved, tmp_path):
+    start, size = _largest_tensor_offset(saved[0])
+    data = bytearray(saved[0].read_bytes())
+    middle = start + size // 2
+    data[middle: middle + 400] = bytes(255 - b for b in data[middle: middle + 400])  # 400 inverted bytes
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["format"] == FORMAT  # torch itself reads it without complaint
+    for kwargs in ({}, {"model": torchvision.models.resnet18(num_classes=10)}):
+        with pytest.raises(atofx.AtofxError, match=r"is damaged: its tensors do not match the checksum"):
+            atofx.load(path, **kwargs)
+
+
+def test_the_checksum_covers_every_tensor(saved, tmp_path):
+    def edit(payload):
+        payload["state_dict"]["fc.bias"] = payload["state_dict"]["fc.bias"] + 1e-3
+
+    with pytest.raises(atofx.AtofxError, match=r"damaged"):
+        atofx.load(edited(saved, tmp_path, edit))
+
+
+def test_a_model_mismatch_names_the_first_layers_in_one_short_line(saved):
+    with pytest.raises(atofx.AtofxError) as err:
+        atofx.load(saved[0], model=torchvision.models.resnet50(num_classes=10))
+    message = str(err.value)
+    assert len(message) < 800, message
+    assert "the model has" in message and "layer1.0.conv3.weight (256, 64, 1, 1)" in message
+    assert "and " in message and "more" in message
+
+
+def test_load_returns_a_graph_module_or_the_given_instance(saved):
+    assert isinstance(atofx.load(saved[0]), fx.GraphModule)
+    mine = torchvision.models.resnet18(num_classes=10)
+    assert atofx.load(saved[0], model=mine) is mine

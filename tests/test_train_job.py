@@ -84,7 +84,7 @@ def test_rerunning_the_job_resumes_instead_of_retraining(job_run, monkeypatch):
     monkeypatch.setattr(ATOTrainer, "after_optimizer_step", no_training)  # no ATO batch runs
     again = train_job.run(job)
     assert [r["epoch"] for r in log_records(out)] == list(range(1, EPOCHS + 1))
-    strip = ("seconds", "job")
+    strip = ("seconds", "seconds_this_invocation", "job")
     assert {k: v for k, v in again.items() if k not in strip} == {k: v for k, v in summary.items() if k not in strip}
     assert json.loads((out / "summary.json").read_text())["accuracy_pruned"] == summary["accuracy_pruned"]
 
@@ -117,3 +117,101 @@ def test_atofx_train_on_fashion_mnist_files(tmp_path, capsys):
     small = atofx.load(out / "pruned.pt")
     assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     assert "resnet20 on fashion-mnist" in capsys.readouterr().out
+
+
+TINY = """
+from torch import nn
+
+
+def tiny():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+"""
+
+
+@pytest.fixture
+def tiny_job(tmp_path, monkeypatch):
+    """A TrainJob factory for a two-layer CNN on the digits (an epoch takes a fraction of a second)."""
+    (tmp_path / "atofx_tiny_models.py").write_text(TINY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(**kw) -> TrainJob:
+        return TrainJob(**({"model": "atofx_tiny_models:tiny", "out": str(tmp_path / "out"), "progress": False,
+                            "batch_size": 256} | kw))
+
+    return make
+
+
+def counting_dense(monkeypatch) -> list[int]:
+    """Replace train_plain by a counter of the epochs asked for (the dense model stays as built)."""
+    calls: list[int] = []
+    monkeypatch.setattr(train_job, "train_plain", lambda model, loader, epochs, *a, **k: calls.append(epochs))
+    return calls
+
+
+def test_the_dense_reference_is_reused_only_with_the_same_settings(tiny_job, monkeypatch):
+    calls = counting_dense(monkeypatch)
+    job = tiny_job(epochs=2)
+    train_job.run(job)
+    with pytest.raises(atofx.ConfigError) as err:  # other settings, same --out: refused before any training
+        train_job.run(tiny_job(epochs=3))
+    message = str(err.value)
+    assert "--epochs 2 -> 3" in message and "another --out" in message and "checkpoints" in message
+    assert calls == [2]
+    for f in (Path(job.out) / "checkpoints").iterdir():  # as the refusal says
+        f.unlink()
+    train_job.run(tiny_job(epochs=3))
+    assert calls == [2, 3], "the 2-epoch dense accuracy was reused for a 3-epoch run"
+    train_job.run(tiny_job(epochs=3, lr=0.05, out=str(Path(job.out).parent / "other")))
+    assert calls == [2, 3, 3]
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"batch_size": 0}, r"--batch-size must be a whole number >= 1, got 0"),
+    ({"epochs": 0}, r"--epochs must be a whole number >= 1, got 0"),
+    ({"num_workers": -1}, r"--num-workers must be"),
+    ({"lr": 0.0}, r"--lr must be a positive"),
+])
+def test_numbers_out_of_range_are_refused_before_the_dense_stage(tiny_job, monkeypatch, option, message):
+    calls = counting_dense(monkeypatch)
+    with pytest.raises(atofx.ConfigError, match=message):
+        train_job.run(tiny_job(**option))
+    assert calls == []
+
+
+def test_an_interrupted_run_keeps_its_dense_stage_and_says_where_it_resumes(tiny_job, monkeypatch, capsys):
+    calls = counting_dense(monkeypatch)
+    job = tiny_job(epochs=3, progress=True)
+    real_end_epoch = ATOTrainer.end_epoch
+
+    def interrupt_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_end_epoch(self, epoch)
+
+    monkeypatch.setattr(ATOTrainer, "end_epoch", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_job.run(job)
+    monkeypatch.setattr(ATOTrainer, "end_epoch", real_end_epoch)
+    capsys.readouterr()
+    summary = train_job.run(job)
+    assert calls == [3], "the finished dense stage was trained again"
+    assert "resuming from epoch 2 of 3" in capsys.readouterr().out
+    first = log_records(Path(job.out))[0]["seconds"]
+    assert summary["seconds"] >= summary["seconds_this_invocation"] + first
+    assert "in all" in summary_table(summary | {"seconds": summary["seconds_this_invocation"] + 5})
+
+
+def test_the_last_line_names_the_picture_actually_written(tiny_job, monkeypatch, capsys):
+    from atofx import cli, visualize
+
+    out = Path(tiny_job().out)
+    argv = ["train", "--model", "atofx_tiny_models:tiny", "--epochs", "1", "--batch-size", "256", "--quiet",
+            "--no-dense-reference", "--out", str(out)]
+    monkeypatch.setattr(visualize.shutil, "which", lambda name: None)
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "zigs.dot" in captured.out.splitlines()[-1] and "zigs.svg" not in captured.out
+    assert "atofx: warning: graphviz's 'dot' program is not installed" in captured.err
+    assert cli.main([*argv, "--no-picture", "--out", str(out.parent / "bare")]) == 0
+    assert "zigs" not in capsys.readouterr().out and not list((out.parent / "bare").glob("zigs*"))

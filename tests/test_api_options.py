@@ -1,0 +1,101 @@
+"""What a Torch-Pruning user reaches for in `ato.train`, and the warnings a short schedule deserves."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import atofx
+from atofx.model import schedule_warning
+from atofx.trainer import ATOConfig, Phases
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    return DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+
+def test_two_epochs_of_ato_warn_that_the_controller_has_no_time(loader):
+    ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    with pytest.warns(atofx.AtofxWarning, match=r"with 2 epochs the controller learns the mask in 1 epoch"):
+        ato.train(loader, 2, target_flops=0.6, progress=False)
+
+
+def test_a_static_run_or_a_long_schedule_does_not_warn(loader):
+    ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", atofx.AtofxWarning)
+        ato.train(loader, 2, target_flops=0.6, method="static", progress=False)
+    assert schedule_warning(Phases.of(ATOConfig(), 30), controller_batches=10, passes=1) is None
+    assert schedule_warning(Phases.of(ATOConfig(), 30), controller_batches=1, passes=1) is not None  # 12 steps
+
+
+def train_briefly(ato: atofx.ATOModel, loader: DataLoader, **kw) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", atofx.AtofxWarning)  # a two-epoch schedule: the warning is tested above
+        ato.train(loader, 2, target_flops=0.3, progress=False, **kw)
+
+
+def test_ignored_layers_and_pin_leave_those_spaces_whole(loader):
+    model = tiny()
+    ato = atofx.compile(model, torch.randn(1, 1, 8, 8))
+    first, second = (s.index for s in ato.zigs.prunable)
+    train_briefly(ato, loader, ignored_layers=[model[0]])
+    assert first not in ato.mask.bits and ato.spaces[first].reason == "pinned by the user"
+    assert ato.prune()[0].out_channels == 8, "the ignored layer keeps every output channel"
+    ato2 = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    train_briefly(ato2, loader, pin=[second])
+    assert set(ato2.mask.bits) == {first}
+
+
+def test_max_pruned_caps_what_a_space_loses(loader):
+    model = tiny()
+    ato = atofx.compile(model, torch.randn(1, 1, 8, 8))
+    train_briefly(ato, loader)
+    assert int(ato.mask.bits[ato.spaces_of("3")[0].index].sum()) < 12, "uncapped, the second conv loses more"
+    ato2 = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    train_briefly(ato2, loader, max_pruned={"3": 0.25})  # layer path "3": the second conv, 16 channels
+    second = ato2.spaces_of("3")[0].index
+    assert int(ato2.mask.bits[second].sum()) >= 12
+    assert ato2.prune()[3].out_channels >= 12
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"ignored_layer": []}, r"unknown option 'ignored_layer'; did you mean 'ignored_layers'\?"),
+    ({"importance": "l1"}, r"atofx has no option 'importance': .*mask_from_scores"),
+    ({"pruning_ratio": 0.5}, r"target_flops is the share of FLOPs kept"),
+    ({"lamda": 3.0}, r"did you mean 'lam'\?"),
+    ({"pin": ["conv9"]}, r"no layer or channel space 'conv9'"),
+    ({"max_pruned": 1.5}, r"max_pruned .* must be in \[0, 1\]"),
+])
+def test_unknown_or_bad_options_are_config_errors(loader, option, message):
+    ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    with pytest.raises(atofx.ConfigError, match=message):
+        ato.train(loader, 2, target_flops=0.5, progress=False, **option)
+
+
+def test_a_mask_by_hand_or_from_scores(loader):
+    ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    by_hand = atofx.Mask({s.index: torch.ones(s.width, dtype=torch.bool) for s in ato.zigs.prunable})
+    first = ato.zigs.prunable[0]
+    by_hand.bits[first.index][:3] = False
+    assert ato.prune(by_hand)[0].out_channels == 5
+    norms = ato.group_norms()
+    assert set(norms) == {s.index for s in ato.zigs.prunable} and all(n.min() > 0 for n in norms.values())
+    mask = ato.mask_from_scores(norms, keep=0.5)
+    kept = mask.bits[first.index]
+    assert int(kept.sum()) == 4 and norms[first.index][kept].min() >= norms[first.index][~kept].max()
+    ato.prune(mask)

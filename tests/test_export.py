@@ -1,0 +1,72 @@
+"""Deploying a pruned model: ONNX export (`atofx export`, `export_onnx`) and torch.compile."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import atofx
+from atofx import cli
+from atofx.export import export_onnx
+
+
+def small_and_input() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    ato = atofx.compile(model, x)
+    return ato.prune(ato.random_mask(keep=0.5, seed=0)), x
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    small, x = small_and_input()
+    return atofx.save(small, tmp_path_factory.mktemp("export") / "small.pt"), small, x
+
+
+def test_atofx_export_writes_an_onnx_file_with_a_dynamic_batch(saved, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    path, small, _ = saved
+    assert cli.main(["export", str(path), str(tmp_path / "model.onnx")]) == 0
+    assert "outputs match PyTorch" in capsys.readouterr().out
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    x5 = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    got = ReferenceEvaluator(graph).run(None, {"input": x5.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.as_tensor(got), small.eval()(x5), atol=1e-5)
+
+
+def test_export_onnx_of_the_users_classes_returns_the_difference(saved, tmp_path):
+    pytest.importorskip("onnxscript")
+    _, small, x = saved
+    assert export_onnx(small, tmp_path / "m.onnx", x) <= 1e-4
+
+
+def test_without_the_onnx_packages_the_error_says_what_to_install(saved, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    assert cli.main(["export", str(saved[0]), str(tmp_path / "m.onnx")]) == cli.EXIT_ERROR
+    assert "pip install onnx onnxscript" in capsys.readouterr().err
+
+
+def test_a_file_without_its_input_shape_asks_for_input_size(tmp_path, capsys):
+    small, _ = small_and_input()
+    path = atofx.save(nn.Sequential(*small), tmp_path / "bare.pt")  # no example inputs known
+    assert cli.main(["export", str(path), str(tmp_path / "m.onnx")]) == cli.EXIT_ERROR
+    assert "give --input-size CxHxW" in capsys.readouterr().err
+
+
+def test_the_pruned_model_runs_under_torch_compile(saved):
+    """One graph, no breaks (fullgraph); aot_eager checks the capture without minutes of C++ code generation."""
+    path, small, x = saved
+    for model in (small.eval(), atofx.load(path).eval()):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-6)
