@@ -29,7 +29,10 @@ Protocols (`--dataset`):
   or 1.3 (ResNet-8); ResNet-20 needs ~160k image-epochs for 90% (8 x 20k: 90.0%), over budget. Measured
   2026-11-29 (seed 0, the full test set): ResNet-14, 10 x 15,000 images: 90.68%; ResNet-8, 10 x 25,000:
   90.52%; both ~6 min of a quiet core. ResNet-14 has twice the prunable spaces (6 block-internal, 3
-  streams), so it is the benchmark model; 10 epochs give ATO's controller a 4-epoch window.
+  streams), so it is the benchmark model; 10 epochs give ATO's controller a 4-epoch window. First timing
+  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s; each run 512-631 s, since two
+  runs at once share the machine's two hyper-threads. Whether --quick fits 20 minutes and the full table 2
+  hours on a quiet machine is still to be measured; if not, the training subset is what to shrink.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
