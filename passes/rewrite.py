@@ -222,6 +222,27 @@ def _patch_roll(node: fx.Node, lay: object, kept: Callable[[ChannelLayout], np.n
     return True
 
 
+def _patch_shape(node: fx.Node, out: object, kept: Callable[[ChannelLayout], np.ndarray]) -> bool:
+    """A view's or reshape's literal size at the output's tracked dim becomes the number of channels kept.
+
+    The size is found by its position, not by its value: in an SK block's `view(n, 2, c, 1, 1)` with c = 2 the
+    branch count and the channel count are the same number, and only the channel count may change.
+    """
+    if not isinstance(out, ChannelLayout):
+        return False
+    as_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1]) if as_tuple else list(node.args[1:])
+    nd = len(node.meta["tensor_meta"].shape)
+    if len(sizes) != nd or not isinstance(sizes[out.dim], int) or sizes[out.dim] != out.width:
+        return False  # a -1 or a computed size follows by itself
+    new = int(kept(out).sum())
+    if new == out.width:
+        return False
+    sizes[out.dim] = new
+    node.update_arg(1, type(node.args[1])(sizes)) if as_tuple else node.update_arg(1 + out.dim, new)
+    return True
+
+
 def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> fx.GraphModule | None:
     """A GraphModule over `small` whose hard-coded channel counts follow the pruning; None if none change."""
     graph = copy.deepcopy(gm.graph)
@@ -267,15 +288,8 @@ def patch_literals(gm: fx.GraphModule, small: nn.Module, zigs: ZIGSet, keep_comp
             changed |= _patch_num_groups(node, layouts.get(node.args[0].name), kept)
         elif node.target in (torch.roll, "roll"):
             changed |= _patch_roll(node, layouts.get(node.args[0].name), kept)
-        elif node.op == "call_method" and node.target in ("view", "reshape") and isinstance(out, ChannelLayout):
-            old_width, new_width = out.width, int(kept(out).sum())
-            if old_width != new_width:
-                args = list(node.args)
-                hits = [i for i, a in enumerate(args[1:], 1) if isinstance(a, int) and a == old_width]
-                if len(hits) == 1:
-                    args[hits[0]] = new_width
-                    node.args = tuple(args)
-                    changed = True
+        elif (node.op == "call_method" and node.target in ("view", "reshape")) or node.target is torch.reshape:
+            changed |= _patch_shape(node, out, kept)
     if not changed:
         return None
     return fx.GraphModule(small, graph, type(small).__name__)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import atofx
-from tests.strategies import random_cnns
+from tests.strategies import CNNSpec, build_cnn, random_cnns
 
 TOL = 1e-5
 
@@ -42,6 +42,16 @@ def test_random_cnn_prunes_to_the_masked_model(model_and_input, keep, seed):
     for kind in sorted({kind for kind, _ in model.spec.blocks}):
         event(f"has a {kind} block")  # --hypothesis-show-statistics: how often each construct was fuzzed
     prune_and_compare(model, x, keep, seed)
+
+
+def test_selective_kernel_view_with_equal_branch_and_channel_counts_is_rewritten_at_the_channel_dim():
+    """Hypothesis' CI falsifying example: `view(n, 2, c, 1, 1)` with c = 2 has the literal 2 twice; only the
+    channel count may follow the pruning, the branch count must stay."""
+    spec = CNNSpec(seed=0, size=8, stem=2, stem_act="relu",
+                   blocks=(("sk", (("act", "relu"), ("hidden", 2), ("out", 2))),), head="gap", classes=3)
+    model, x = build_cnn(spec)
+    ato, small = prune_and_compare(model, x, keep=0.5, seed=0)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
 SLICE = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "shufflenet_v2_x0_5",
