@@ -176,11 +176,10 @@ def tp_prune_to_flops(method: str, model: nn.Module, example: torch.Tensor, keep
     for _ in range(16):
         mid = (lo + hi) / 2
         got = at(mid)
-        if got is None or got[1] > keep:
-            if got is None:
-                hi = mid
-            else:
-                lo = mid
+        if got is None:  # too much: a layer would be emptied
+            hi = mid
+        elif got[1] > keep:
+            lo = mid
         else:
             hi, best = mid, got
     if best is None:
