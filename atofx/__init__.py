@@ -23,22 +23,23 @@ from atofx.errors import (
 )
 
 if TYPE_CHECKING:
-    from atofx.counting import count_flops, count_macs, count_params
-    from atofx.mask import Mask
-    from atofx.model import ATOModel, compile
+    from atofx.ato.model import ATOModel, compile
+    from atofx.ato.trainer import ATOConfig
+    from atofx.core.counting import count_flops, count_macs, count_params
+    from atofx.core.mask import Mask
+    from atofx.core.serialization import load, save
     from atofx.passes.zig_inference import ChannelSpace
-    from atofx.serialization import load, save
-    from atofx.trainer import ATOConfig
 
 _LAZY = {
-    "count_flops": "atofx.counting", "count_macs": "atofx.counting", "count_params": "atofx.counting", "Mask": "atofx.mask",
-    "ATOModel": "atofx.model", "compile": "atofx.model", "ChannelSpace": "atofx.passes.zig_inference",
-    "load": "atofx.serialization", "save": "atofx.serialization", "ATOConfig": "atofx.trainer",
+    "count_flops": "atofx.core.counting", "count_macs": "atofx.core.counting", "count_params": "atofx.core.counting",
+    "Mask": "atofx.core.mask", "ATOModel": "atofx.ato.model", "compile": "atofx.ato.model",
+    "ChannelSpace": "atofx.passes.zig_inference", "load": "atofx.core.serialization", "save": "atofx.core.serialization",
+    "ATOConfig": "atofx.ato.trainer",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name, or a submodule (`atofx.trainer`), when it is first used."""
+    """Import a public name, or a submodule (`atofx.ato.trainer`), when it is first used."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

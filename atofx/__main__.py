@@ -1,5 +1,5 @@
 """`python -m atofx`: the same command line as the `atofx` script."""
 
-from atofx.cli import main
+from atofx.app.cli import main
 
 raise SystemExit(main())

@@ -8,7 +8,7 @@ import torch.fx as fx
 from atofx.passes.channel_layout import ChannelLayout
 from atofx.passes.equivalence import node_values
 
-from atofx.model import ATOModel
+from atofx.ato.model import ATOModel
 
 
 def _layouts(value) -> list[tuple[int, ChannelLayout]]:

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import atofx
-from atofx.model import schedule_warning
-from atofx.trainer import ATOConfig, Phases
+from atofx.ato.model import schedule_warning
+from atofx.ato.trainer import ATOConfig, Phases
 
 
 def tiny() -> nn.Module:

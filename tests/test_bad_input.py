@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import atofx
-from atofx import checkpoint as ckpt
-from atofx import cli
-from atofx import trainer as trainer_module
-from atofx.cifar_models import CifarResNet
+from atofx.app import cli
+from atofx.app.cifar_models import CifarResNet
+from atofx.ato import checkpoint as ckpt
+from atofx.ato import trainer as trainer_module
 from atofx.errors import ConfigError, DataError, NoPrunableSpaceError, ShapeError, TraceError
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import atofx
-from atofx import checkpoint as ckpt
-from atofx.cifar_models import CifarResNet
+from atofx.app.cifar_models import CifarResNet
+from atofx.ato import checkpoint as ckpt
 
 
 def payload(epoch: int) -> dict:

@@ -8,7 +8,7 @@ from atofx.passes.equivalence import relative_difference
 from torch import nn
 
 import atofx
-from atofx.cifar_models import CIFAR_MODELS, MobileNetV2Cifar
+from atofx.app.cifar_models import CIFAR_MODELS, MobileNetV2Cifar
 
 # parameters at 10 classes: the CIFAR ResNet-18/34 of common CIFAR code (kuangliu/pytorch-cifar), torchvision's
 # MobileNetV2 layout with a 10-class head, He et al.'s ResNet-56 (0.85M)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from atofx import cli
+from atofx.app import cli
 
 USER_MODULE = '''
 import torch
@@ -67,7 +67,7 @@ def test_inspect_factory_returning_its_example(user_module, tmp_path, capsys):
 
 
 def test_inspect_without_dot_prints_the_warning(user_module, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("atofx.visualize.shutil.which", lambda name: None)
+    monkeypatch.setattr("atofx.core.visualize.shutil.which", lambda name: None)
     assert cli.main(["inspect", f"{user_module}:small_cnn", "--input-size", "3x16x16", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "atofx: warning:" in captured.err and "apt-get install graphviz" in captured.err
@@ -131,7 +131,7 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch, capsys):
     def interrupted(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("atofx.train_job.run", interrupted)
+    monkeypatch.setattr("atofx.app.train_job.run", interrupted)
     assert cli.main(["train", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "Rerun the same command to resume" in err and str(tmp_path / "run" / "checkpoints") in err
@@ -146,7 +146,7 @@ def test_atofx_warnings_print_as_one_line(tmp_path, monkeypatch, capsys):
         warnings.warn("few controller steps", atofx.AtofxWarning, stacklevel=1)
         raise atofx.AtofxError("stopped")
 
-    monkeypatch.setattr("atofx.train_job.run", warns_then_fails)
+    monkeypatch.setattr("atofx.app.train_job.run", warns_then_fails)
     assert cli.main(["train", "--out", str(tmp_path)]) == cli.EXIT_ERROR
     assert capsys.readouterr().err.splitlines() == ["atofx: warning: few controller steps", "atofx: error: stopped"]
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import atofx
-from atofx.controller import Controller
+from atofx.ato.controller import Controller
 
 WIDTHS = [64, 128, 5, 256]
 

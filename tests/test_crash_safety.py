@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import atofx
-from atofx import checkpoint as ckpt
+from atofx.ato import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6

@@ -16,8 +16,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from atofx import datasets, distributed
-from atofx.datasets import DatasetError, ImageData, load_images, loaders
+from atofx.app import datasets
+from atofx.app.datasets import DatasetError, ImageData, load_images, loaders
+from atofx.ato import distributed
 
 PER_BATCH = 20
 CLASSES = ("red", "green", "blue")

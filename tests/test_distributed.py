@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import atofx
-from atofx import checkpoint as ckpt
-from atofx import distributed
+from atofx.ato import checkpoint as ckpt
+from atofx.ato import distributed
+from atofx.ato.trainer import controller_subset, evaluate
 from atofx.errors import AtofxError, ConfigError
-from atofx.trainer import controller_subset, evaluate
 from tests.test_datasets import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

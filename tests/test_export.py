@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import atofx
-from atofx import cli
-from atofx.export import export_onnx
+from atofx.app import cli
+from atofx.core.export import export_onnx
 
 
 def small_and_input() -> tuple[nn.Module, torch.Tensor]:

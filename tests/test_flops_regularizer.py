@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from atofx.flops_regularizer import controller_loss, flops_regularizer
+from atofx.ato.flops_regularizer import controller_loss, flops_regularizer
 
 TOTAL = 1000.0
 

@@ -8,10 +8,10 @@ from atofx.passes.equivalence import relative_difference, run_eval
 from torch.utils.data import DataLoader, Subset
 
 import atofx
-from atofx.cifar_models import CifarResNet
-from atofx.datasets import digits
+from atofx.app.cifar_models import CifarResNet
+from atofx.app.datasets import digits
+from atofx.ato.mixed_precision import StepPrecision
 from atofx.errors import ConfigError
-from atofx.mixed_precision import StepPrecision
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
 FAST = {"controller_data": 0.25, "controller_lr": 0.01, "controller_epochs": 3}
@@ -78,7 +78,7 @@ def test_an_fp16_run_resumes_with_its_loss_scale(data, tmp_path, monkeypatch):
     make_scaler = StepPrecision.scaler
     monkeypatch.setattr(StepPrecision, "scaler", lambda self, device: scalers.append(make_scaler(self, device))
                         or scalers[-1])
-    write = atofx.trainer.ckpt.write
+    write = atofx.ato.trainer.ckpt.write
 
     def write_then_stop(folder, payload):
         write(folder, payload)
@@ -90,13 +90,13 @@ def test_an_fp16_run_resumes_with_its_loss_scale(data, tmp_path, monkeypatch):
         ato = atofx.compile(CifarResNet(8, 10, 1, 1), EXAMPLE)
         ato.train(data[0], 3, target_flops=0.6, progress=False, amp="fp16", checkpoint_dir=tmp_path, **FAST)
 
-    monkeypatch.setattr(atofx.trainer.ckpt, "write", write_then_stop)
+    monkeypatch.setattr(atofx.ato.trainer.ckpt, "write", write_then_stop)
     with pytest.raises(_Stopped):
         run()
-    saved, _ = atofx.trainer.ckpt.read_latest(tmp_path)
+    saved, _ = atofx.ato.trainer.ckpt.read_latest(tmp_path)
     assert saved["grad_scaler"] == scalers[0].state_dict()
     # a scale no fresh scaler starts from (65536, halved at most once a step), then the last epoch's 4 steps
     write(tmp_path, saved | {"grad_scaler": saved["grad_scaler"] | {"scale": 1024.0}})
-    monkeypatch.setattr(atofx.trainer.ckpt, "write", write)
+    monkeypatch.setattr(atofx.ato.trainer.ckpt, "write", write)
     run()
     assert len(scalers) == 2 and scalers[1].get_scale() <= 1024.0

@@ -12,12 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import atofx
-from atofx.cifar_models import CifarResNet
-from atofx.controller import Controller
-from atofx.datasets import digits
+from atofx.app.cifar_models import CifarResNet
+from atofx.app.datasets import digits
+from atofx.ato.controller import Controller
+from atofx.ato.flops_regularizer import controller_loss, two_sided_regularizer
+from atofx.ato.trainer import CHOICES, OFFICIAL, ATOConfig, gated_spaces
 from atofx.errors import ConfigError
-from atofx.flops_regularizer import controller_loss, two_sided_regularizer
-from atofx.trainer import CHOICES, OFFICIAL, ATOConfig, gated_spaces
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
 FAST = {"controller_data": 0.25, "controller_lr": 0.01, "controller_epochs": 3}
@@ -282,7 +282,7 @@ def test_official_digits_run_logs_decay_and_ends_exact(data):
 
 def test_an_official_hsp_run_resumes_to_the_uninterrupted_result(data, tmp_path, monkeypatch):
     """The sampled masks, the revival record and the half-space reference point all survive a restart."""
-    from atofx import checkpoint as ckpt
+    from atofx.ato import checkpoint as ckpt
 
     options = {"target_flops": 0.5, "progress": False, "flavour": "official", "search_space": "all",
                "projection": "hsp", "warmup": 0.0, "lam_schedule": "ramp", **FAST}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from atofx import AtofxError
-from atofx.plots import draw_run_plots, plot_accuracy_flops, plot_widths, read_log
+from atofx.app.plots import draw_run_plots, plot_accuracy_flops, plot_widths, read_log
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

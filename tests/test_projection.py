@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 import atofx
+from atofx.ato.projection import ZIGParams
 from atofx.errors import AtofxError, MaskError
-from atofx.projection import ZIGParams
 
 
 class Tiny(nn.Module):

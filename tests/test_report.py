@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import atofx
-from atofx.report import format_table, space_records
+from atofx.core.report import format_table, space_records
 
 
 class Flip(nn.Module):
@@ -102,7 +102,7 @@ def test_format_table_aligns_columns():
 def test_flops_are_twice_the_macs_and_both_are_printed(ato):
     import torchvision
 
-    from atofx.train_job import summary_table
+    from atofx.app.train_job import summary_table
 
     x = torch.randn(1, 3, 224, 224)
     model = torchvision.models.resnet18()

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 import atofx
-from atofx import cli
-from atofx.cifar_models import CIFAR_MODELS, resnet20
-from atofx.datasets import DATASETS
-from atofx.model_zoo import torchvision_models
-from atofx.train_job import TrainJob, load_recipe
+from atofx.app import cli
+from atofx.app.cifar_models import CIFAR_MODELS, resnet20
+from atofx.app.datasets import DATASETS
+from atofx.app.model_zoo import torchvision_models
+from atofx.app.train_job import TrainJob, load_recipe
 from tests.test_datasets import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_shipped_recipes_are_valid_jobs(recipe):
 
 
 def test_small_datasets_give_the_controller_enough_steps():
-    from atofx.train_job import MIN_CONTROLLER_STEPS, controller_passes, controller_share
+    from atofx.app.train_job import MIN_CONTROLLER_STEPS, controller_passes, controller_share
 
     digits, cifar, tiny = TrainJob(), TrainJob(dataset="cifar10", batch_size=128), TrainJob(dataset="folder")
     assert (controller_share(digits, 1437), controller_passes(digits, 1437)) == (0.5, 1)  # the digits run as before
@@ -153,7 +153,7 @@ def test_small_datasets_give_the_controller_enough_steps():
 
 
 def test_resolution_and_head_follow_the_model(images):
-    from atofx import train_job
+    from atofx.app import train_job
 
     for model, size in (("resnet20", 32), ("mobilenetv2_cifar", 32), ("resnet18", 224)):
         job = TrainJob(model=model, dataset="folder", data_dir=str(images), num_workers=0)

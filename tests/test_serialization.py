@@ -15,7 +15,7 @@ from atofx.passes.equivalence import relative_difference, run_eval
 from torch import nn
 
 import atofx
-from atofx.serialization import FORMAT, read_payload
+from atofx.core.serialization import FORMAT, read_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 

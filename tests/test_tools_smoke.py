@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import atofx
-from atofx.cifar_models import resnet20
+from atofx.app.cifar_models import resnet20
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

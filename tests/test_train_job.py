@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import atofx
-import atofx.train_job as train_job
-from atofx.checkpoint import read_latest
-from atofx.datasets import digits_loaders
-from atofx.train_job import TrainJob, summary_table
-from atofx.trainer import ATOTrainer, evaluate
+import atofx.app.train_job as train_job
+from atofx.app.datasets import digits_loaders
+from atofx.app.train_job import TrainJob, summary_table
+from atofx.ato.checkpoint import read_latest
+from atofx.ato.trainer import ATOTrainer, evaluate
 
 EPOCHS = 3
 KEYS = {"target_flops", "flops_kept", "flops_before", "flops_after", "params_before", "params_after", "accuracy_dense",
@@ -104,7 +104,7 @@ def test_bad_ato_options_are_refused_before_any_training(tmp_path, monkeypatch, 
 
 def test_atofx_train_on_fashion_mnist_files(tmp_path, capsys):
     """`atofx train --dataset fashion-mnist --data-dir DIR`: a one-channel CIFAR ResNet on the IDX files, unchanged."""
-    from atofx import cli
+    from atofx.app import cli
     from tests.test_datasets import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "fm", train=48, test=16)
@@ -203,7 +203,8 @@ def test_an_interrupted_run_keeps_its_dense_stage_and_says_where_it_resumes(tiny
 
 
 def test_the_last_line_names_the_picture_actually_written(tiny_job, monkeypatch, capsys):
-    from atofx import cli, visualize
+    from atofx.app import cli
+    from atofx.core import visualize
 
     out = Path(tiny_job().out)
     argv = ["train", "--model", "atofx_tiny_models:tiny", "--epochs", "1", "--batch-size", "256", "--quiet",

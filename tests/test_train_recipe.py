@@ -14,9 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from atofx import cli
-from atofx.errors import AtofxError, ConfigError
-from atofx.train_job import (
+from atofx.app import cli
+from atofx.app.train_job import (
     RECIPES,
     SoftTargetLoader,
     TrainJob,
@@ -28,7 +27,8 @@ from atofx.train_job import (
     recipes_table,
     run,
 )
-from atofx.trainer import OFFICIAL, controller_subset, loader_generators
+from atofx.ato.trainer import OFFICIAL, controller_subset, loader_generators
+from atofx.errors import AtofxError, ConfigError
 
 WORLD = 2
 
@@ -142,7 +142,7 @@ def _batches(rank: int, world: int, store: str, out: str) -> None:
     result: dict = {}
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        from atofx import train_job
+        from atofx.app import train_job
 
         train, _, _, _, _ = train_job._data(TrainJob(batch_size=64))
         result["batch"] = train.batch_size
@@ -161,7 +161,7 @@ def _batches(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_two_ranks_split_the_global_batch_and_take_the_same_steps(tmp_path):
-    from atofx import train_job
+    from atofx.app import train_job
 
     mp.start_processes(_batches, args=(WORLD, str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True,
                        start_method="spawn")

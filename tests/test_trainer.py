@@ -17,11 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import atofx
-from atofx import checkpoint as ckpt
-from atofx.cifar_models import CifarResNet
-from atofx.datasets import digits
-from atofx.mask import rounded_count
-from atofx.trainer import ATOTrainer, evaluate
+from atofx.app.cifar_models import CifarResNet
+from atofx.app.datasets import digits
+from atofx.ato import checkpoint as ckpt
+from atofx.ato.trainer import ATOTrainer, evaluate
+from atofx.core.mask import rounded_count
 
 EPOCHS = 5
 # a small, fast controller schedule that really drops channels in a few epochs
@@ -208,7 +208,7 @@ def test_fingerprint_is_the_same_in_a_new_process():
     here = trainer.fingerprint(8)
     code = (
         "import json, torch, atofx\n"
-        "from atofx.cifar_models import CifarResNet\n"
+        "from atofx.app.cifar_models import CifarResNet\n"
         "torch.set_num_threads(1)\n"
         "ato = atofx.compile(CifarResNet(8, 10, 1), (torch.zeros(1, 1, 8, 8),))\n"
         "print(json.dumps(ato.start_training(3, 0.5).fingerprint(8)))\n"
@@ -505,7 +505,7 @@ def test_training_analyses_an_uncompiled_model_from_its_first_batch(data):
 def test_controller_subset_is_whole_batches_beyond_one(n, share, size):
     from torch.utils.data import TensorDataset
 
-    from atofx.trainer import controller_subset
+    from atofx.ato.trainer import controller_subset
 
     loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=64)
     cn = controller_subset(loader, share, seed=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import atofx
-from atofx import visualize
+from atofx.core import visualize
 from tests.test_report import Net
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot program is not installed")

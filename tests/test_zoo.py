@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import atofx
-from atofx import model_zoo
-from atofx.model_zoo import is_transformer
+from atofx.app import model_zoo
+from atofx.app.model_zoo import is_transformer
 from tests.checks import assert_zero_invariant
 
 SLICE = [

@@ -72,11 +72,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_plots  # noqa: E402
 
 import atofx  # noqa: E402
-from atofx.cifar_models import CIFAR_MODELS  # noqa: E402
-from atofx.datasets import digits, fashion_mnist, load_images  # noqa: E402
-from atofx.plain_training import train_plain  # noqa: E402
-from atofx.report import format_table  # noqa: E402
-from atofx.trainer import evaluate  # noqa: E402
+from atofx.app.cifar_models import CIFAR_MODELS  # noqa: E402
+from atofx.app.datasets import digits, fashion_mnist, load_images  # noqa: E402
+from atofx.ato.plain_training import train_plain  # noqa: E402
+from atofx.ato.trainer import evaluate  # noqa: E402
+from atofx.core.report import format_table  # noqa: E402
 
 TARGETS = (0.5, 0.7)  # share of the dense FLOPs removed
 METHODS = ("dense", "ato", "static", "tp_l1", "tp_group_norm", "random")

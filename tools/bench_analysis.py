@@ -26,8 +26,8 @@ import bench_plots
 import torch
 
 import atofx
-from atofx import model_zoo
-from atofx.report import format_table
+from atofx.app import model_zoo
+from atofx.core.report import format_table
 
 QUICK = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
          "shufflenet_v2_x1_0", "regnet_y_400mf", "googlenet", "convnext_tiny"]

@@ -38,9 +38,9 @@ import torchvision
 from torch import nn
 
 import atofx
-from atofx.cifar_models import resnet56
-from atofx.mask import Mask
-from atofx.report import format_table
+from atofx.app.cifar_models import resnet56
+from atofx.core.mask import Mask
+from atofx.core.report import format_table
 
 TARGETS = (0.3, 0.5, 0.7)  # share of the dense FLOPs removed ("pruned FLOPs", as the paper reports it)
 BATCHES = (1, 32)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import atofx
-from atofx.report import format_table
+from atofx.core.report import format_table
 
 MODELS = ["resnet152", "densenet201", "efficientnet_b7", "regnet_y_16gf"]
 FULL_SIZE, QUICK_SIZE = 224, 112

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import atofx
-from atofx.report import format_table
+from atofx.core.report import format_table
 
 # always in the sweep: the blur pools (a functional depthwise conv) and TensorFlow-ported 'SAME' padding
 REQUIRED = ["resnetblur50d", "densenetblur121d", "tf_efficientnet_b0", "tf_efficientnet_b1", "tf_efficientnet_lite0",

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import atofx
-from atofx.cifar_models import CifarResNet
+from atofx.app.cifar_models import CifarResNet
+from atofx.ato.model import zero_dropped
 from atofx.errors import EquivalenceError
-from atofx.model import zero_dropped
 from tests.strategies import CNNSpec, build_cnn, random_cnns
 
 TOL = 1e-5

@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import atofx
-from atofx.model import ATOModel
+from atofx.ato.model import ATOModel
 from tests.checks import assert_zero_invariant
 
 COVERED: set = set()

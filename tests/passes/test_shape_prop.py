@@ -17,7 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp as FxShapeProp
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 import atofx
-from atofx import model_zoo
+from atofx.app import model_zoo
 
 TENSORS = [
     torch.randn(2, 3, 4, 5),

@@ -12,7 +12,7 @@ from atofx.passes.equivalence import relative_difference, run_eval
 from torch import nn
 
 import atofx
-from atofx.projection import ZIGParams
+from atofx.ato.projection import ZIGParams
 
 TOL = 1e-5
 

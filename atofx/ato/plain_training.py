@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from atofx import distributed
-from atofx.trainer import _to, split_batch
+from atofx.ato import distributed
+from atofx.ato.trainer import _to, split_batch
 
 
 def default_optimizer(model: nn.Module, epochs: int, lr: float = 0.1) -> tuple[torch.optim.Optimizer, Any]:

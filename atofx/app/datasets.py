@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from atofx import distributed
+from atofx.ato import distributed
 from atofx.errors import AtofxError, DatasetError
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagenet", "folder")

@@ -58,7 +58,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _input_size(text: str) -> tuple[int, ...]:
-    from atofx.model_zoo import parse_input_size
+    from atofx.app.model_zoo import parse_input_size
 
     try:
         return parse_input_size(text)
@@ -88,7 +88,7 @@ def _file_stem(model: str) -> str:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     import atofx
-    from atofx.model_zoo import load
+    from atofx.app.model_zoo import load
 
     zoo = load(args.model, args.input_size)
     try:
@@ -119,9 +119,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _prune_random(ato, example, keep: float, seed: int) -> None:
     """What atofx could remove: a random mask, pruned and checked against the masked model."""
     import atofx
-    from atofx.model import zero_dropped
+    from atofx.ato.model import zero_dropped
+    from atofx.core.report import format_table
     from atofx.passes.equivalence import relative_difference, run_eval
-    from atofx.report import format_table
 
     mask = ato.random_mask(keep=keep, seed=seed)
     small = ato.prune(mask)  # raises EquivalenceError, naming the first layer, if the outputs differ
@@ -145,10 +145,10 @@ _FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress", "n
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from atofx.cifar_models import CIFAR_MODELS
-    from atofx.datasets import DATASETS
-    from atofx.train_job import OPTIMIZERS, TrainJob
-    from atofx.trainer import CHOICES, FLAVOURS, OFFICIAL, ATOConfig
+    from atofx.app.cifar_models import CIFAR_MODELS
+    from atofx.app.datasets import DATASETS
+    from atofx.app.train_job import OPTIMIZERS, TrainJob
+    from atofx.ato.trainer import CHOICES, FLAVOURS, OFFICIAL, ATOConfig
 
     d, c = TrainJob(), ATOConfig()
     p = sub.add_parser(
@@ -229,7 +229,7 @@ def _on_off(text: str) -> bool:
 
 def train_job_from_args(args: argparse.Namespace):
     """TrainJob defaults, then the --config file, then the flags the user gave."""
-    from atofx.train_job import TrainJob, load_recipe
+    from atofx.app.train_job import TrainJob, load_recipe
 
     values = load_recipe(args.config) if getattr(args, "config", None) else {}
     for dest, value in vars(args).items():
@@ -243,8 +243,8 @@ def train_job_from_args(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from atofx import distributed
-    from atofx.train_job import run, summary_table
+    from atofx.app.train_job import run, summary_table
+    from atofx.ato import distributed
 
     job = train_job_from_args(args)
     try:
@@ -279,8 +279,8 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     import json
 
-    from atofx.plots import draw_run_plots
-    from atofx.train_job import summary_table
+    from atofx.app.plots import draw_run_plots
+    from atofx.app.train_job import summary_table
 
     written = draw_run_plots(args.run_dir)  # checks the folder and names any missing file first
     print(summary_table(json.loads((args.run_dir / "summary.json").read_text())))
@@ -301,7 +301,7 @@ def _add_recipes(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_recipes(args: argparse.Namespace) -> int:
-    from atofx.train_job import RECIPES, recipes_table
+    from atofx.app.train_job import RECIPES, recipes_table
 
     print(recipes_table())
     print(f"(files in {RECIPES}; run one with: atofx train --config recipes/<recipe>.yaml --data-dir DIR)")
@@ -328,8 +328,8 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     import atofx
-    from atofx.export import export_onnx
-    from atofx.serialization import read_payload
+    from atofx.core.export import export_onnx
+    from atofx.core.serialization import read_payload
 
     model = atofx.load(args.model_file)
     if args.input_size is not None:

@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 import atofx
-from atofx import distributed
-from atofx.cifar_models import CIFAR_MODELS
-from atofx.datasets import DATASETS, load_images, loaders
+from atofx.app.cifar_models import CIFAR_MODELS
+from atofx.app.datasets import DATASETS, load_images, loaders
+from atofx.app.plots import draw_run_plots
+from atofx.ato import distributed
+from atofx.ato.model import resolve_device
+from atofx.ato.plain_training import train_plain
+from atofx.ato.trainer import ATOConfig, evaluate
+from atofx.core.report import format_table
 from atofx.errors import AtofxError, ConfigError
-from atofx.model import resolve_device
-from atofx.plain_training import train_plain
-from atofx.plots import draw_run_plots
-from atofx.report import format_table
-from atofx.trainer import ATOConfig, evaluate
 
 # digits has 1437 training images: the paper's 5% would give the controller two steps an epoch
 CONTROLLER_DATA = {"digits": 0.5}
@@ -336,7 +336,7 @@ def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, 
     the global batch (`rank_batch_size`)."""
     batch = rank_batch_size(job.batch_size, distributed.current().world)
     if job.dataset == "digits":
-        from atofx.datasets import digits_loaders
+        from atofx.app.datasets import digits_loaders
 
         train, val = digits_loaders(batch, job.seed)
         return train, val, 10, 1, (1, 1, 8, 8)
@@ -352,7 +352,7 @@ def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, 
 
 def _model(job: TrainJob, classes: int, channels: int) -> nn.Module:
     """atofx's CIFAR models and torchvision's with the dataset's classes; a user's factory as it is."""
-    from atofx import model_zoo
+    from atofx.app import model_zoo
 
     torch.manual_seed(job.seed)
     if job.model in CIFAR_MODELS:
@@ -503,7 +503,7 @@ def run(job: TrainJob) -> dict[str, Any]:
 
 def _finished_epochs(folder: Path) -> list[dict[str, Any]]:
     """The per-epoch records of the checkpoint a rerun resumes from ([] without one)."""
-    from atofx.checkpoint import read_latest
+    from atofx.ato.checkpoint import read_latest
 
     try:
         saved, _ = read_latest(folder)

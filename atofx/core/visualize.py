@@ -22,7 +22,7 @@ from atofx.errors import AtofxWarning, ConfigError
 from atofx.passes.channel_layout import layouts_in
 
 if TYPE_CHECKING:
-    from atofx.model import ATOModel
+    from atofx.ato.model import ATOModel
 
 _PINNED = "#d9d9d9"
 VIEWS = ("auto", "layers", "spaces")

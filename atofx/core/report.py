@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from atofx.model import ATOModel
+    from atofx.ato.model import ATOModel
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from atofx.checkpoint import carries_code
+from atofx.ato.checkpoint import carries_code
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
 from atofx.passes.op_rules import RULES

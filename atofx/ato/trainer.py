@@ -33,18 +33,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from atofx import checkpoint as ckpt
-from atofx import distributed
-from atofx.controller import Controller, Masks
+from atofx.ato import checkpoint as ckpt
+from atofx.ato import distributed
+from atofx.ato.controller import Controller, Masks
+from atofx.ato.flops_regularizer import controller_loss
+from atofx.ato.mixed_precision import StepPrecision
+from atofx.ato.projection import ZIGParams
+from atofx.core.mask import Mask, keep_at_least, rounded_count
 from atofx.errors import AtofxError, ConfigError, DataError, ShapeError
-from atofx.flops_regularizer import controller_loss
-from atofx.mask import Mask, keep_at_least, rounded_count
-from atofx.mixed_precision import StepPrecision
 from atofx.passes.instrument import instrument
-from atofx.projection import ZIGParams
 
 if TYPE_CHECKING:
-    from atofx.model import ATOModel
+    from atofx.ato.model import ATOModel
 
 
 FLAVOURS = ("atofx", "official")

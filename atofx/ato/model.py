@@ -15,10 +15,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from atofx import distributed
+from atofx.ato import distributed
+from atofx.ato.mixed_precision import StepPrecision
+from atofx.ato.trainer import ATOConfig, ATOTrainer, fit, split_batch
+from atofx.core.mask import Mask
+from atofx.core.serialization import example_inputs_of
 from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError, EquivalenceError, ShapeError
-from atofx.mask import Mask
-from atofx.mixed_precision import StepPrecision
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.flops import FlopsModel, FlopsProp
@@ -26,8 +28,6 @@ from atofx.passes.rewrite import patch_literals, prune_copy
 from atofx.passes.shape_prop import NodeFailed, ShapeProp
 from atofx.passes.tracing import LeafSpec, trace, trace_graph
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
-from atofx.serialization import example_inputs_of
-from atofx.trainer import ATOConfig, ATOTrainer, fit, split_batch
 
 EQUIVALENCE_TOLERANCE = 1e-5
 # below these the controller has no time to learn a mask before it freezes (issue 17: 2 epochs, a mask frozen
@@ -255,7 +255,7 @@ class ATOModel:
 
     def group_norms(self) -> dict[int, torch.Tensor]:
         """Importance of every ZIG of every prunable space: the L2 norm of all its parameters (for Mask.from_scores)."""
-        from atofx.projection import ZIGParams
+        from atofx.ato.projection import ZIGParams
 
         norms = ZIGParams.of(self).group_norms().detach().cpu()
         return {s.index: norms[torch.as_tensor(s.components)] for s in self.zigs.prunable}
@@ -420,7 +420,7 @@ class ATOModel:
             epochs, target_flops, device, lam=lam, gamma=gamma, warmup=warmup, controller_window=controller_window,
             controller_data=controller_data, projection=projection, method=method, seed=seed, **config)
         if optimizer is None:
-            from atofx.plain_training import default_optimizer
+            from atofx.ato.plain_training import default_optimizer
 
             optimizer, default_schedule = default_optimizer(self.model, epochs)
             scheduler = scheduler or default_schedule
@@ -441,7 +441,7 @@ class ATOModel:
     # ------------------------------------------------------------------ presentation
     def report(self) -> str:
         """A table: space, width, producers, consumers, share of FLOPs, pinned and why."""
-        from atofx.report import spaces_table
+        from atofx.core.report import spaces_table
 
         return spaces_table(self)
 
@@ -452,7 +452,7 @@ class ATOModel:
         join them) or "auto" (the space view for graphs of over 250 layers). Without graphviz's `dot`, or when
         it needs more than `timeout` seconds, the `.dot` source is written instead, with a warning.
         """
-        from atofx.visualize import draw_spaces
+        from atofx.core.visualize import draw_spaces
 
         return draw_spaces(self, Path(path), view, timeout)
 

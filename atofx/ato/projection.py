@@ -38,7 +38,7 @@ from atofx.errors import AtofxError, MaskError
 from atofx.passes.zig_inference import ZIGSet
 
 if TYPE_CHECKING:
-    from atofx.model import ATOModel
+    from atofx.ato.model import ATOModel
 
 
 @dataclass(frozen=True)
