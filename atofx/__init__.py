@@ -21,10 +21,11 @@ from atofx.errors import (
     TraceError,
     UnsafeCheckpointError,
 )
+from atofx.version import __version__
 
 if TYPE_CHECKING:
+    from atofx.ato.config import ATOConfig
     from atofx.ato.model import ATOModel, compile
-    from atofx.ato.trainer import ATOConfig
     from atofx.core.counting import count_flops, count_macs, count_params
     from atofx.core.mask import Mask
     from atofx.core.serialization import load, save
@@ -34,12 +35,12 @@ _LAZY = {
     "count_flops": "atofx.core.counting", "count_macs": "atofx.core.counting", "count_params": "atofx.core.counting",
     "Mask": "atofx.core.mask", "ATOModel": "atofx.ato.model", "compile": "atofx.ato.model",
     "ChannelSpace": "atofx.passes.zig_inference", "load": "atofx.core.serialization", "save": "atofx.core.serialization",
-    "ATOConfig": "atofx.ato.trainer",
+    "ATOConfig": "atofx.ato.config",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name, or a submodule (`atofx.ato.trainer`), when it is first used."""
+    """Import a public name, or a submodule (`atofx.core`), when it is first used."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -74,5 +75,5 @@ __all__ = [
     "count_params",
     "load",
     "save",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import atofx
+from atofx.ato.config import ATOConfig
 from atofx.ato.model import schedule_warning
-from atofx.ato.trainer import ATOConfig, Phases
+from atofx.ato.trainer import Phases
 
 
 def tiny() -> nn.Module:

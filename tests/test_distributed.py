@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import atofx
 from atofx.ato import checkpoint as ckpt
 from atofx.ato import distributed
-from atofx.ato.trainer import controller_subset, evaluate
+from atofx.ato.controller import controller_subset
+from atofx.ato.loop import evaluate
 from atofx.errors import AtofxError, ConfigError
 from tests.test_datasets import write_image_folder
 

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Subset
 import atofx
 from atofx.app.cifar_models import CifarResNet
 from atofx.app.datasets import digits
-from atofx.ato.controller import Controller
+from atofx.ato.config import CHOICES, OFFICIAL, ATOConfig
+from atofx.ato.controller import Controller, gated_spaces
 from atofx.ato.flops_regularizer import controller_loss, two_sided_regularizer
-from atofx.ato.trainer import CHOICES, OFFICIAL, ATOConfig, gated_spaces
 from atofx.errors import ConfigError
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)

@@ -14,7 +14,8 @@ import atofx.app.train_job as train_job
 from atofx.app.datasets import digits_loaders
 from atofx.app.train_job import TrainJob, summary_table
 from atofx.ato.checkpoint import read_latest
-from atofx.ato.trainer import ATOTrainer, evaluate
+from atofx.ato.loop import evaluate
+from atofx.ato.trainer import ATOTrainer
 
 EPOCHS = 3
 KEYS = {"target_flops", "flops_kept", "flops_before", "flops_after", "params_before", "params_after", "accuracy_dense",

@@ -27,7 +27,9 @@ from atofx.app.train_job import (
     recipes_table,
     run,
 )
-from atofx.ato.trainer import OFFICIAL, controller_subset, loader_generators
+from atofx.ato.config import OFFICIAL
+from atofx.ato.controller import controller_subset
+from atofx.ato.loop import loader_generators
 from atofx.errors import AtofxError, ConfigError
 
 WORLD = 2

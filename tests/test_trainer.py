@@ -20,7 +20,8 @@ import atofx
 from atofx.app.cifar_models import CifarResNet
 from atofx.app.datasets import digits
 from atofx.ato import checkpoint as ckpt
-from atofx.ato.trainer import ATOTrainer, evaluate
+from atofx.ato.loop import evaluate
+from atofx.ato.trainer import ATOTrainer
 from atofx.core.mask import rounded_count
 
 EPOCHS = 5
@@ -505,7 +506,7 @@ def test_training_analyses_an_uncompiled_model_from_its_first_batch(data):
 def test_controller_subset_is_whole_batches_beyond_one(n, share, size):
     from torch.utils.data import TensorDataset
 
-    from atofx.ato.trainer import controller_subset
+    from atofx.ato.controller import controller_subset
 
     loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=64)
     cn = controller_subset(loader, share, seed=0)

@@ -74,8 +74,8 @@ import bench_plots  # noqa: E402
 import atofx  # noqa: E402
 from atofx.app.cifar_models import CIFAR_MODELS  # noqa: E402
 from atofx.app.datasets import digits, fashion_mnist, load_images  # noqa: E402
+from atofx.ato.loop import evaluate  # noqa: E402
 from atofx.ato.plain_training import train_plain  # noqa: E402
-from atofx.ato.trainer import evaluate  # noqa: E402
 from atofx.core.report import format_table  # noqa: E402
 
 TARGETS = (0.5, 0.7)  # share of the dense FLOPs removed

@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import atofx
 from atofx.app.cifar_models import resnet20, resnet56
 from atofx.app.datasets import digits
+from atofx.ato.controller import controller_subset
+from atofx.ato.loop import controller_epoch, train_one_epoch
 from atofx.ato.plain_training import default_optimizer, train_epoch
-from atofx.ato.trainer import ATOTrainer, controller_epoch, controller_subset, train_one_epoch
+from atofx.ato.trainer import ATOTrainer
 from atofx.core.report import format_table
 
 # The digits epochs are about a tenth of the CIFAR ones, and a shared machine's noise is a larger share of a
@@ -129,7 +131,7 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
     plain_model = copy.deepcopy(model)
     plain_opt, _ = default_optimizer(plain_model, 10)
     ato = atofx.compile(model, (torch.randn(shape),))
-    trainer = ATOTrainer(ato, atofx.ato.trainer.ATOConfig(target_flops=0.5, controller_data=0.05), 10,
+    trainer = ATOTrainer(ato, atofx.ato.config.ATOConfig(target_flops=0.5, controller_data=0.05), 10,
                          torch.device("cpu"))
     opt, _ = default_optimizer(model, 10)
     trainer.mask = {k: (torch.rand(v.shape, generator=torch.Generator().manual_seed(k)) > 0.5).float()

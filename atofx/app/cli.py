@@ -87,13 +87,13 @@ def _file_stem(model: str) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    import atofx
     from atofx.app.model_zoo import load
+    from atofx.ato.model import compile
 
     zoo = load(args.model, args.input_size)
     try:
         with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
-            ato = atofx.compile(zoo.model, zoo.example)
+            ato = compile(zoo.model, zoo.example)
     except ShapeError as exc:
         given = "x".join(map(str, args.input_size)) if args.input_size else "the default"
         what = str(exc).split(" Pass example_inputs")[0]  # the API's advice does not help on the command line
@@ -118,8 +118,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _prune_random(ato, example, keep: float, seed: int) -> None:
     """What atofx could remove: a random mask, pruned and checked against the masked model."""
-    import atofx
-    from atofx.ato.model import zero_dropped
+    from atofx.core.counting import count_flops, count_params
+    from atofx.core.pruning import zero_dropped
     from atofx.core.report import format_table
     from atofx.passes.equivalence import relative_difference, run_eval
 
@@ -128,8 +128,8 @@ def _prune_random(ato, example, keep: float, seed: int) -> None:
     reference = copy.deepcopy(ato.model)  # the masked model, without analysing the copy again
     zero_dropped(reference, ato.zigs, mask.component_keep(ato.zigs))
     diff = relative_difference(run_eval(reference, (example,)), run_eval(small, (example,)))
-    flops = (atofx.count_flops(ato.model, example), atofx.count_flops(small, example))
-    params = (atofx.count_params(ato.model), atofx.count_params(small))
+    flops = (count_flops(ato.model, example), count_flops(small, example))
+    params = (count_params(ato.model), count_params(small))
     rows = [["FLOPs (M)", f"{flops[0] / 1e6:.1f}", f"{flops[1] / 1e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
             ["MACs (M) = FLOPs / 2", f"{flops[0] / 2e6:.1f}", f"{flops[1] / 2e6:.1f}", f"{flops[1] / flops[0]:.3f}"],
             ["params (k)", f"{params[0] / 1e3:.1f}", f"{params[1] / 1e3:.1f}", f"{params[1] / params[0]:.3f}"]]
@@ -148,7 +148,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from atofx.app.cifar_models import CIFAR_MODELS
     from atofx.app.datasets import DATASETS
     from atofx.app.train_job import OPTIMIZERS, TrainJob
-    from atofx.ato.trainer import CHOICES, FLAVOURS, OFFICIAL, ATOConfig
+    from atofx.ato.config import CHOICES, FLAVOURS, OFFICIAL, ATOConfig
 
     d, c = TrainJob(), ATOConfig()
     p = sub.add_parser(
@@ -327,11 +327,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
-    import atofx
     from atofx.core.export import export_onnx
-    from atofx.core.serialization import read_payload
+    from atofx.core.serialization import load, read_payload
 
-    model = atofx.load(args.model_file)
+    model = load(args.model_file)
     if args.input_size is not None:
         shapes = [[2, *args.input_size]]
     else:
@@ -358,7 +357,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     `only`: build that subcommand's arguments alone, the others as their help line (main passes the command
     typed, so `atofx --help` and `atofx inspect ...` never import what the other subcommands need).
     """
-    from atofx import __version__
+    from atofx.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="atofx", description="Auto-Train-Once structural pruning as a torch.fx compiler pass."

@@ -20,15 +20,18 @@ import numpy as np
 import torch
 from torch import nn
 
-import atofx
 from atofx.app.cifar_models import CIFAR_MODELS
 from atofx.app.datasets import DATASETS, load_images, loaders
 from atofx.app.plots import draw_run_plots
 from atofx.ato import distributed
+from atofx.ato.config import ATOConfig
+from atofx.ato.loop import evaluate
+from atofx.ato.model import compile as compile_model
 from atofx.ato.model import resolve_device
 from atofx.ato.plain_training import train_plain
-from atofx.ato.trainer import ATOConfig, evaluate
+from atofx.core.counting import count_flops, count_params
 from atofx.core.report import format_table
+from atofx.core.serialization import save
 from atofx.errors import AtofxError, ConfigError
 
 # digits has 1437 training images: the paper's 5% would give the controller two steps an epoch
@@ -453,8 +456,8 @@ def run(job: TrainJob) -> dict[str, Any]:
             print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
                   "the results again", flush=True)
 
-    ato = atofx.compile(model, example)
-    flops_before, params_before = atofx.count_flops(model, example), atofx.count_params(model)
+    ato = compile_model(model, example)
+    flops_before, params_before = count_flops(model, example), count_params(model)
     picture = ato.visualize(out / "zigs.svg") if ranks.main and job.picture else None
     optimizer, scheduler = job_optimizer(job, model)
     options = {k: v for k, v in asdict(config).items() if k in ATO_OPTIONS}
@@ -468,7 +471,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     small = ato.prune()
     accuracy_pruned = evaluate(small, val_loader, device, loss_fn)["accuracy"]
     small_cpu = copy.deepcopy(small).cpu().to(memory_format=torch.contiguous_format)
-    flops_after, params_after = atofx.count_flops(small_cpu, example), atofx.count_params(small_cpu)
+    flops_after, params_after = count_flops(small_cpu, example), count_params(small_cpu)
     summary = {
         "model": job.model,
         "dataset": job.dataset,
@@ -492,7 +495,7 @@ def run(job: TrainJob) -> dict[str, Any]:
         "ato": asdict(config),  # every ATO option the run used, the flavour's included
     }
     if ranks.main:
-        atofx.save(small_cpu, out / "pruned.pt", example)
+        save(small_cpu, out / "pruned.pt", example)
         (out / "widths.json").write_text(json.dumps({"model": job.model,
                                                      "layers": layer_widths(dense_model, small_cpu)}, indent=1))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

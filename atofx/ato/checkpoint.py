@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from atofx.core.files import atomic_save, safe_load
 from atofx.errors import ConfigError, UnsafeCheckpointError
 
 CHECKPOINT = "checkpoint.pt"
@@ -41,42 +40,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write(folder: Path, payload: dict[str, Any]) -> Path:
     """Write `folder/checkpoint.pt` through a temporary file; the previous one becomes checkpoint.prev.pt."""
     folder.mkdir(parents=True, exist_ok=True)
-    path, tmp = folder / CHECKPOINT, folder / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    if path.exists():
-        path.replace(folder / PREVIOUS)
-    tmp.replace(path)
-    return path
-
-
-# pickle opcodes that import or call something: the weights-only reader refusing one of these means code
-_CODE_OPCODES = {op[0] for op in (pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.INST, pickle.OBJ, pickle.REDUCE,
-                                  pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.BUILD)}
-_CODE_MESSAGE = re.compile(r"global|reduce|can only create new object|can only build|persistent", re.IGNORECASE)
-
-
-def carries_code(exc: pickle.UnpicklingError) -> bool:
-    """Whether torch.load(weights_only=True) refused a file for what it would import or call, not for damage.
-
-    Every refusal mentions `weights_only`; a damaged or foreign file fails on an opcode that runs nothing.
-    """
-    msg = str(exc)
-    operand = re.search(r"Unsupported operand (\d+)", msg)
-    if operand is not None:
-        return int(operand.group(1)) in _CODE_OPCODES
-    return _CODE_MESSAGE.search(msg.split("WeightsUnpickler error:")[-1]) is not None
+    return atomic_save(payload, folder / CHECKPOINT, previous=folder / PREVIOUS)
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if carries_code(exc):
-            raise UnsafeCheckpointError(
-                f"{path} carries code or non-tensor objects; it was refused without running it. "
-                "Delete it (or the whole checkpoint folder) to start afresh."
-            ) from exc
-        raise
+    return safe_load(path, "carries code or non-tensor objects; it was refused without running it. "
+                           "Delete it (or the whole checkpoint folder) to start afresh.")
 
 
 def read_latest(folder: Path) -> tuple[dict[str, Any] | None, str | None]:

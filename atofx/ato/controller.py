@@ -1,4 +1,5 @@
-"""The ATO controller network: one binary keep-mask per prunable channel space.
+"""The ATO controller: its network (one binary keep-mask per prunable channel space), the spaces it gates
+(`gated_spaces`) and the data it learns from (`controller_subset`, D_CN).
 
 Fixed orthogonal embeddings (one per space) run through a bidirectional GRU, so every space's
 mask sees the whole network; a Linear head per space emits one logit per ZIG. Gumbel-Sigmoid with
@@ -11,12 +12,20 @@ Masks are dicts keyed by space index (`ChannelSpace.index`), the key the FLOPs m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
+from atofx.ato import distributed
+from atofx.errors import ConfigError
 from atofx.passes.zig_inference import ZIGSet
+
+if TYPE_CHECKING:
+    from atofx.core.analysis import Analysis
 
 EMBED_DIM = 64
 HIDDEN = 128
@@ -96,3 +105,61 @@ class Controller(nn.Module):
     def mask(self, offset: float = 3.0) -> Masks:
         """Deterministic binary masks (no noise): 1 where logits + offset > 0; for eval and freezing."""
         return {k: (logits + offset > 0).to(logits.dtype) for k, logits in self.forward().items()}
+
+
+def gated_spaces(analysis: Analysis, search_space: str) -> list[int]:
+    """The indices of the spaces the controller gates: every prunable one ("all"), or those inside one block.
+
+    A space is block-internal when all its producers and consumers lie inside one module that is a block
+    (a module with submodules, other than the model itself and the containers Sequential/ModuleList/ModuleDict;
+    the innermost such module around them decides): a ResNet block's conv1 -> conv2 channels, a MobileNetV2
+    block's expanded width. Residual streams, the stem and the head span several blocks and are not gated:
+    the authors' code gates the block-internal spaces only.
+    """
+    prunable = analysis.zigs.prunable
+    if search_space == "all":
+        return [s.index for s in prunable]
+    modules = dict(analysis.model.named_modules())
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+    def internal(space: Any) -> bool:
+        names = [n.split(".") for n in (*space.producers, *space.consumers)]
+        common: list[str] = []
+        for parts in zip(*names, strict=False):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        while common:  # the innermost block around them; a layer called twice is no block
+            module = modules.get(".".join(common))
+            if module is not None and not isinstance(module, containers) and next(module.children(), None):
+                return True
+            common.pop()
+        return False
+
+    chosen = [s.index for s in prunable if internal(s)]
+    if not chosen:
+        raise ConfigError("search_space 'internal' found no channel space inside a block (residual or inverted-"
+                          "residual block module) in this model; use search_space='all' (--search-space all).")
+    return chosen
+
+
+def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader:
+    """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`.
+
+    Beyond one batch, its size is rounded to whole batches: a remainder batch of a few samples would cost
+    a full controller step (a masked forward and backward) for a noisy gradient. Under torchrun each rank
+    draws the same subset and takes its shard of it.
+    """
+    dataset = loader.dataset
+    n = len(dataset)
+    batch = loader.batch_size or 1
+    size = max(1, math.ceil(share * n))
+    if size > batch:
+        size = min(n, round(size / batch) * batch)
+    gen = torch.Generator().manual_seed(seed + 1)
+    subset = Subset(dataset, torch.randperm(n, generator=gen)[:size].tolist())
+    if distributed.current().parallel:
+        return DataLoader(subset, batch_size=batch, collate_fn=loader.collate_fn,
+                          sampler=distributed.training_sampler(subset, seed + 2))
+    return DataLoader(subset, batch_size=batch, shuffle=True,
+                      collate_fn=loader.collate_fn, generator=torch.Generator().manual_seed(seed + 2))

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atofx.ato import distributed
-from atofx.ato.trainer import _to, split_batch
+from atofx.ato.batches import split_batch, to_device
 
 
 def default_optimizer(model: nn.Module, epochs: int, lr: float = 0.1) -> tuple[torch.optim.Optimizer, Any]:
@@ -27,7 +27,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     model.train()
     total, seen = torch.zeros((), device=device), 0
     for batch in loader:
-        inputs, targets = split_batch(_to(batch, device))
+        inputs, targets = split_batch(to_device(batch, device))
         loss = loss_fn(model(*inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

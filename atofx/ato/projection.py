@@ -38,7 +38,7 @@ from atofx.errors import AtofxError, MaskError
 from atofx.passes.zig_inference import ZIGSet
 
 if TYPE_CHECKING:
-    from atofx.ato.model import ATOModel
+    from atofx.core.analysis import Analysis
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class ZIGParams:
         self._previous: dict[int, Tensor] | None = None  # x_k for the half-space test, per parameter id
 
     @classmethod
-    def of(cls, ato: ATOModel) -> ZIGParams:
+    def of(cls, ato: Analysis) -> ZIGParams:
         """The index over a compiled model's own parameters."""
         return cls(ato.zigs, dict(ato.graph_module.named_parameters(remove_duplicate=False)))
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from atofx.core.modes import evaluating
+from atofx.core.nested import as_tuple
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
@@ -15,14 +17,8 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     FLOPs = 2 x MACs: a multiply-add counts as two operations. Torch-Pruning (`count_ops_and_params`) and many
     papers report MACs: torchvision's ResNet-18 at 224x224 is 3.63 G FLOPs here and 1.82 G MACs there.
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*inputs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), FlopCounterMode(display=False) as counter:
+        model(*as_tuple(example_inputs))
     return int(counter.get_total_flops())
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from atofx.ato.model import ATOModel
+    from atofx.core.analysis import Analysis
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -25,7 +25,7 @@ def _names(items: list[str], limit: int = 3) -> str:
     return shown + (f" +{len(items) - limit}" if len(items) > limit else "")
 
 
-def space_records(ato: ATOModel) -> list[dict[str, object]]:
+def space_records(ato: Analysis) -> list[dict[str, object]]:
     """One plain dict per channel space (what the table shows, untruncated): for JSON and for tests."""
     share = ato.flops_model.space_share()
     return [
@@ -36,7 +36,7 @@ def space_records(ato: ATOModel) -> list[dict[str, object]]:
     ]
 
 
-def spaces_table(ato: ATOModel) -> str:
+def spaces_table(ato: Analysis) -> str:
     """The `ato.report()` table: one row per space, then a summary line (and the unknown ops, if any)."""
     zigs = ato.zigs
     rows = []

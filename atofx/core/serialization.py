@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import operator
-import pickle
 import weakref
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from atofx.ato.checkpoint import carries_code
+from atofx.core.files import atomic_save, safe_load
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
 from atofx.passes.op_rules import RULES
@@ -261,24 +260,15 @@ def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path
         and all(isinstance(x, torch.Tensor) for x in inputs) else None,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_save(payload, path)
 
 
 def read_payload(path: str | Path) -> dict[str, Any]:
     """torch.load with weights_only=True; a file that would run code raises UnsafeCheckpointError."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not carries_code(exc):
-            raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({exc})") from exc
-        raise UnsafeCheckpointError(
-            f"{path} carries code or objects that are not plain tensors and numbers; it was refused without "
-            f"running it. Only load files from sources you trust with torch.load directly. ({exc})"
-        ) from exc
-    except OSError:
+        payload = safe_load(path, "carries code or objects that are not plain tensors and numbers; it was refused "
+                                  "without running it. Only load files from sources you trust with torch.load directly.")
+    except (OSError, UnsafeCheckpointError):
         raise
     except Exception as exc:  # truncated zip, empty file, stray bytes: the weights-only reader fails in many ways
         raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({type(exc).__name__}: {exc})") from exc

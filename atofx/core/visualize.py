@@ -22,7 +22,7 @@ from atofx.errors import AtofxWarning, ConfigError
 from atofx.passes.channel_layout import layouts_in
 
 if TYPE_CHECKING:
-    from atofx.ato.model import ATOModel
+    from atofx.core.analysis import Analysis
 
 _PINNED = "#d9d9d9"
 VIEWS = ("auto", "layers", "spaces")
@@ -37,12 +37,12 @@ def space_colour(index: int) -> str:
     return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
 
 
-def _display_names(ato: ATOModel) -> dict[str, str]:
+def _display_names(ato: Analysis) -> dict[str, str]:
     """fx node name -> what the report prints: the module path (`layer1.0.conv1`) for layers, else the node name."""
     return {n.name: str(n.target) if n.op == "call_module" else n.name for n in ato.graph.nodes}
 
 
-def _node_spaces(ato: ATOModel) -> dict[str, tuple[int, int, int]]:
+def _node_spaces(ato: Analysis) -> dict[str, tuple[int, int, int]]:
     """fx node name -> (its main space, how many spaces its channels belong to, channel count)."""
     zigs = ato.zigs
     out = {}
@@ -58,7 +58,7 @@ def _pinned_note(reason: str | None) -> str:
     return f"\npinned: {reason}" if reason else "\npinned"
 
 
-def _digraph(ato: ATOModel, view: str) -> graphviz.Digraph:
+def _digraph(ato: Analysis, view: str) -> graphviz.Digraph:
     zigs = ato.zigs
     title = (f"{type(ato.model).__name__}: {len(zigs.spaces)} channel spaces, {len(zigs.prunable)} prunable "
              f"({view} view: {'one box per layer' if view == 'layers' else 'one box per channel space'})")
@@ -75,7 +75,7 @@ def _digraph(ato: ATOModel, view: str) -> graphviz.Digraph:
     return dot
 
 
-def _layer_view(ato: ATOModel) -> graphviz.Digraph:
+def _layer_view(ato: Analysis) -> graphviz.Digraph:
     zigs, facts = ato.zigs, ato.zigs.facts
     dot = _digraph(ato, "layers")
     names = _display_names(ato)
@@ -97,7 +97,7 @@ def _layer_view(ato: ATOModel) -> graphviz.Digraph:
     return dot
 
 
-def _space_view(ato: ATOModel) -> graphviz.Digraph:
+def _space_view(ato: Analysis) -> graphviz.Digraph:
     zigs = ato.zigs
     dot = _digraph(ato, "spaces")
     names = _display_names(ato)
@@ -120,7 +120,7 @@ def _space_view(ato: ATOModel) -> graphviz.Digraph:
     return dot
 
 
-def pick_view(ato: ATOModel, view: str = "auto") -> str:
+def pick_view(ato: Analysis, view: str = "auto") -> str:
     """'layers' or 'spaces': `auto` draws the space view above LARGE_GRAPH nodes with channels."""
     if view not in VIEWS:
         raise ConfigError(f"view must be one of {', '.join(VIEWS)}, got {view!r}.")
@@ -129,7 +129,7 @@ def pick_view(ato: ATOModel, view: str = "auto") -> str:
     return "spaces" if len(_node_spaces(ato)) > LARGE_GRAPH else "layers"
 
 
-def build_graph(ato: ATOModel, view: str = "layers") -> graphviz.Digraph:
+def build_graph(ato: Analysis, view: str = "layers") -> graphviz.Digraph:
     """The picture as a graphviz Digraph, in the `layers` or `spaces` view (`auto`: by the graph's size)."""
     return _space_view(ato) if pick_view(ato, view) == "spaces" else _layer_view(ato)
 
@@ -142,7 +142,7 @@ def _write_source(dot: graphviz.Digraph, path: Path, why: str | None) -> Path:
     return out
 
 
-def draw_spaces(ato: ATOModel, path: Path, view: str = "auto", timeout: float = DOT_SECONDS) -> Path:
+def draw_spaces(ato: Analysis, path: Path, view: str = "auto", timeout: float = DOT_SECONDS) -> Path:
     """Write the picture to `path` (format from its suffix); the `.dot` source without `dot`, or past `timeout` s."""
     dot = build_graph(ato, view)
     fmt = path.suffix.lstrip(".") or "svg"

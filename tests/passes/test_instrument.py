@@ -16,7 +16,7 @@ from torch import nn
 
 import atofx
 from atofx.app.cifar_models import CifarResNet
-from atofx.ato.model import zero_dropped
+from atofx.core.pruning import zero_dropped
 from atofx.errors import EquivalenceError
 from tests.strategies import CNNSpec, build_cnn, random_cnns
 

@@ -1,0 +1,50 @@
+"""Files atofx writes and reads: written atomically, read with torch.load(weights_only=True), code refused."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from atofx.errors import UnsafeCheckpointError
+
+# pickle opcodes that import or call something: the weights-only reader refusing one of these means code
+_CODE_OPCODES = {op[0] for op in (pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.INST, pickle.OBJ, pickle.REDUCE,
+                                  pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.BUILD)}
+_CODE_MESSAGE = re.compile(r"global|reduce|can only create new object|can only build|persistent", re.IGNORECASE)
+
+
+def carries_code(exc: pickle.UnpicklingError) -> bool:
+    """Whether torch.load(weights_only=True) refused a file for what it would import or call, not for damage.
+
+    Every refusal mentions `weights_only`; a damaged or foreign file fails on an opcode that runs nothing.
+    """
+    msg = str(exc)
+    operand = re.search(r"Unsupported operand (\d+)", msg)
+    if operand is not None:
+        return int(operand.group(1)) in _CODE_OPCODES
+    return _CODE_MESSAGE.search(msg.split("WeightsUnpickler error:")[-1]) is not None
+
+
+def safe_load(path: str | Path, refused: str) -> Any:
+    """torch.load(weights_only=True) on the CPU; a file that carries code raises UnsafeCheckpointError, its message
+    `refused` (what the user can do) after the path. Any other failure propagates as torch raised it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if carries_code(exc):
+            raise UnsafeCheckpointError(f"{path} {refused} ({exc})") from exc
+        raise
+
+
+def atomic_save(payload: Any, path: Path, previous: Path | None = None) -> Path:
+    """torch.save through a temporary file, so `path` is always whole; the old `path` becomes `previous` if given."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    if previous is not None and path.exists():
+        path.replace(previous)
+    tmp.replace(path)
+    return path
