@@ -13,11 +13,10 @@ import torch
 import yaml
 
 import atofx
-from atofx.app import cli
+from atofx.app import cli, train_command
 from atofx.app.cifar_models import CIFAR_MODELS, resnet20
-from atofx.app.datasets import DATASETS
 from atofx.app.model_zoo import torchvision_models
-from atofx.app.train_job import TrainJob, load_recipe
+from atofx.app.options import DATASETS, TrainJob, load_recipe
 from tests.test_datasets import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +91,7 @@ def test_config_file_with_an_override(images, tmp_path, capsys):
 
 
 def job_for(argv: list[str]) -> TrainJob:
-    return cli.train_job_from_args(cli.build_parser().parse_args(["train", *argv]))
+    return train_command.train_job_from_args(cli.build_parser().parse_args(["train", *argv]))
 
 
 def test_flags_given_override_the_file_even_at_their_default(tmp_path):
@@ -142,7 +141,7 @@ def test_shipped_recipes_are_valid_jobs(recipe):
 
 
 def test_small_datasets_give_the_controller_enough_steps():
-    from atofx.app.train_job import MIN_CONTROLLER_STEPS, controller_passes, controller_share
+    from atofx.app.options import MIN_CONTROLLER_STEPS, controller_passes, controller_share
 
     digits, cifar, tiny = TrainJob(), TrainJob(dataset="cifar10", batch_size=128), TrainJob(dataset="folder")
     assert (controller_share(digits, 1437), controller_passes(digits, 1437)) == (0.5, 1)  # the digits run as before

@@ -14,19 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from atofx.app import cli
-from atofx.app.train_job import (
-    RECIPES,
-    SoftTargetLoader,
-    TrainJob,
-    ato_config,
-    check_training,
-    job_optimizer,
-    paper_figures,
-    rank_batch_size,
-    recipes_table,
-    run,
-)
+from atofx.app import cli, train_command
+from atofx.app.options import RECIPES, TrainJob, ato_config, check_training, paper_figures, recipes_table
+from atofx.app.train_job import SoftTargetLoader, job_optimizer, rank_batch_size, run
 from atofx.ato.config import OFFICIAL
 from atofx.ato.controller import controller_subset
 from atofx.ato.loop import loader_generators
@@ -90,7 +80,7 @@ def test_bad_training_options_are_refused(bad):
 def test_command_line_sets_the_flavour_and_overrides_it():
     args = cli.build_parser().parse_args(["train", "--flavour", "official", "--freeze-mask", "dead", "--head-bias",
                                           "off", "--hsp-eps", "0.2", "--optimizer", "adamw", "--mixup", "0.2"])
-    job = cli.train_job_from_args(args)
+    job = train_command.train_job_from_args(args)
     config = ato_config(job)
     assert config.freeze_mask == "dead" and config.hsp_eps == 0.2 and config.head_bias is False
     assert all(getattr(config, k) == v for k, v in OFFICIAL.items() if k != "freeze_mask")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,20 @@ import torch
 from torch import nn
 
 from atofx.app.cifar_models import CIFAR_MODELS
-from atofx.app.datasets import DATASETS, load_images, loaders
+from atofx.app.datasets import load_images, loaders
+from atofx.app.options import (
+    ATO_OPTIONS,
+    DATASETS,
+    DENSE_SETTINGS,
+    TrainJob,
+    ato_config,
+    check_training,
+    controller_passes,
+    controller_share,
+    flag,
+    job_settings,
+    validate_job,
+)
 from atofx.app.plots import draw_run_plots
 from atofx.ato import distributed
 from atofx.ato.config import ATOConfig
@@ -30,92 +42,10 @@ from atofx.ato.model import compile as compile_model
 from atofx.ato.model import resolve_device
 from atofx.ato.plain_training import train_plain
 from atofx.core.counting import count_flops, count_params
+from atofx.core.files import atomic_write_text
 from atofx.core.report import format_table
 from atofx.core.serialization import save
 from atofx.errors import AtofxError, ConfigError
-
-# digits has 1437 training images: the paper's 5% would give the controller two steps an epoch
-CONTROLLER_DATA = {"digits": 0.5}
-RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
-# a small dataset's D_CN may be one batch: repeat it so the controller still learns (digits and CIFAR have >= 10)
-MIN_CONTROLLER_STEPS = 10
-
-
-@dataclass
-class TrainJob:
-    """Everything `atofx train` needs; the defaults are the embedded digits run. A recipe file's keys are these fields."""
-
-    model: str = "resnet20"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False  # cifar10/cifar100 only: fetch into data_dir
-    num_workers: int | None = None  # loader worker processes; None: min(4, CPU count); digits loads in-process
-    image_size: int | None = None  # folder/imagenet; None: 32 for atofx's CIFAR models, 224 otherwise
-    epochs: int = 30
-    batch_size: int = 64  # the global batch: under torchrun each of W ranks loads batch_size / W
-    lr: float = 0.1  # for the global batch, not scaled with the ranks; cosine schedule; dense reference alike
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adamw" (the authors' ImageNet runs)
-    weight_decay: float | None = None  # None: 5e-4 with SGD, 0.05 with AdamW (the official value)
-    warmup_epochs: int = 0  # linear lr warm-up over this many epochs before the cosine (official ImageNet: 5)
-    label_smoothing: float = 0.0  # official ImageNet: 0.1 (the target model's loss only)
-    mixup: float = 0.0  # Beta(alpha, alpha) mixup of the training batches; official ImageNet: 0.2
-    target_flops: float = 0.5
-    method: str = "ato"
-    projection: str = "prox"
-    round_to: int = 1  # kept channels per space in multiples of this (8 or 16 run faster on most hardware)
-    device: str = "cpu"
-    seed: int = 0
-    out: str = "atofx-out"
-    dense_reference: bool = True
-    progress: bool = True
-    controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper; see controller_share)
-    controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
-    threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
-    amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32
-    channels_last: bool = False  # NHWC memory format for the model and its 4-d inputs (faster convs on recent GPUs)
-    # ATO's options (trainer.ATOConfig); None: the flavour's value. flavour "official": ATOConfig.official()
-    flavour: str = "atofx"
-    step_size: str | None = None
-    lam_schedule: str | None = None
-    lam_boost: float | None = None
-    lam_jump_at: float | None = None
-    hsp_eps: float | None = None
-    sampling: str | None = None
-    regularizer: str | None = None
-    controller_optimizer: str | None = None
-    head_bias: bool | None = None
-    freeze_mask: str | None = None
-    search_space: str | None = None
-
-    picture: bool = True  # draw OUT/zigs.svg (the space view for large models; `dot` capped at a minute)
-
-
-ATO_OPTIONS = ("step_size", "lam_schedule", "lam_boost", "lam_jump_at", "hsp_eps", "sampling", "regularizer",
-               "controller_optimizer", "head_bias", "freeze_mask", "search_space")
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def ato_config(job: TrainJob) -> ATOConfig:
-    """The job's ATOConfig: its flavour, then every ATO option the job sets; checked (ConfigError)."""
-    given = {k: getattr(job, k) for k in ATO_OPTIONS if getattr(job, k) is not None}
-    config = ATOConfig.of(job.flavour, target_flops=job.target_flops, method=job.method, projection=job.projection,
-                          round_to=job.round_to, seed=job.seed, **given)
-    config.validate()
-    return config
-
-
-def check_training(job: TrainJob) -> None:
-    """Refuse training options out of range before any epoch runs."""
-    if job.optimizer not in OPTIMIZERS:
-        raise AtofxError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {job.optimizer!r} (--optimizer).")
-    if not 0 <= job.warmup_epochs < job.epochs:
-        raise AtofxError(f"warmup_epochs must be in [0, epochs), got {job.warmup_epochs} (--warmup-epochs).")
-    if not 0.0 <= job.label_smoothing < 1.0:
-        raise AtofxError(f"label_smoothing must be in [0, 1), got {job.label_smoothing} (--label-smoothing).")
-    if job.mixup < 0.0:
-        raise AtofxError(f"mixup is the Beta distribution's alpha, >= 0 (0: off), got {job.mixup} (--mixup).")
-    if job.weight_decay is not None and job.weight_decay < 0:
-        raise AtofxError(f"weight_decay must be >= 0, got {job.weight_decay} (--weight-decay).")
 
 
 def rank_batch_size(global_batch: int, world: int) -> int:
@@ -178,38 +108,6 @@ class SoftTargetLoader:
         return x, target
 
 
-# fields that change what the dense reference learns: its stored accuracy is reused only when all match
-DENSE_SETTINGS = ("model", "dataset", "data_dir", "image_size", "epochs", "batch_size", "lr", "seed", "optimizer",
-                  "weight_decay", "warmup_epochs", "label_smoothing", "mixup")
-# fields that change the run but not its results: a rerun may change them and still resume
-RUN_ONLY = ("out", "progress", "num_workers", "threads", "download", "device", "dense_reference", "picture")
-# field -> the `atofx train` flag that sets it, for messages
-FLAGS = {"dense_reference": "--no-dense-reference", "progress": "--quiet", "picture": "--no-picture"}
-
-
-def flag(field: str) -> str:
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
-
-
-def validate_job(job: TrainJob) -> None:
-    """Refuse numbers out of range before any data is loaded or any epoch trained (flags named as typed)."""
-    at_least = {"epochs": 1, "batch_size": 1, "num_workers": 0, "threads": 1, "image_size": 1,
-                "controller_epochs": 1}
-    for name, low in at_least.items():
-        value = getattr(job, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-            raise ConfigError(f"{flag(name)} must be a whole number >= {low}, got {value!r}.")
-    if not job.lr > 0:
-        raise ConfigError(f"--lr must be a positive learning rate, got {job.lr!r}.")
-    if job.controller_data is not None and not 0.0 < job.controller_data <= 1.0:
-        raise ConfigError(f"controller_data must be in (0, 1], got {job.controller_data!r}.")
-
-
-def job_settings(job: TrainJob) -> dict[str, Any]:
-    """The fields a resumed run must share with the run that wrote OUT/."""
-    return {k: v for k, v in asdict(job).items() if k not in RUN_ONLY}
-
-
 def check_same_run(job: TrainJob, out: Path) -> None:
     """Refuse, before any training, to resume OUT/checkpoints written with other settings; say how to go on."""
     record, ckpt_dir = out / "job.json", out / "checkpoints"
@@ -239,95 +137,6 @@ def _dense_reference(job: TrainJob, out: Path) -> dict[str, Any] | None:
         return None
     want = {k: getattr(job, k) for k in DENSE_SETTINGS}
     return stored if stored.get("settings") == want and "accuracy_dense" in stored else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Through a temporary file, so an interrupt never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file (YAML or JSON) as a dict of TrainJob fields; unknown keys and wrong types are refused."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AtofxError(f"recipe file {str(path)!r} does not exist; the recipes shipped with atofx are in recipes/.")
-    if path.suffix not in RECIPE_SUFFIXES:
-        raise AtofxError(f"recipe file {str(path)!r}: use a .yaml, .yml or .json file.")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-        raise AtofxError(f"recipe file {str(path)!r} cannot be read: {' '.join(str(exc).split())}") from exc
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise AtofxError(f"recipe file {str(path)!r} must be a mapping of TrainJob fields (key: value).")
-    known = {f.name: f for f in fields(TrainJob)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise AtofxError(f"recipe file {str(path)!r}: unknown key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(known)}.")
-    defaults = TrainJob()
-    for key, value in data.items():
-        expected = type(getattr(defaults, key))
-        if value is None or getattr(defaults, key) is None or isinstance(value, expected) \
-                or (expected is float and isinstance(value, int) and not isinstance(value, bool)):
-            continue
-        raise AtofxError(f"recipe file {str(path)!r}: {key} must be a {expected.__name__}, got {value!r}.")
-    return data
-
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def paper_figures(path: Path) -> dict[str, str]:
-    """The paper's baseline and pruned top-1 from a recipe's `# paper: baseline X, pruned Y` header line."""
-    for line in path.read_text().splitlines():
-        if line.startswith("# paper:"):
-            figures = dict(part.strip().split(" ", 1) for part in line.removeprefix("# paper:").split(","))
-            return {"baseline": figures.get("baseline", "?"), "pruned": figures.get("pruned", "?")}
-    return {"baseline": "?", "pruned": "?"}
-
-
-def recipes_table(folder: Path = RECIPES) -> str:
-    """One row per recipe file: what it trains, its FLOPs target, the paper's figures and the training setup."""
-    files = sorted(f for f in folder.glob("*") if f.suffix in RECIPE_SUFFIXES) if folder.is_dir() else []
-    if not files:
-        raise AtofxError(f"no recipe in {folder}: the recipes ship with the atofx repository (recipes/).")
-    rows = []
-    for f in files:
-        job = TrainJob(**load_recipe(f))
-        paper = paper_figures(f)
-        rows.append([f.stem, job.model, job.dataset, f"{100 * (1 - job.target_flops):.1f}%", f"{job.target_flops:.3f}",
-                     paper["baseline"], paper["pruned"], str(job.epochs), str(job.batch_size),
-                     f"{job.optimizer} {job.lr:g}"])
-    header = ["recipe", "model", "dataset", "pruned", "FLOPs kept", "paper dense", "paper ATO", "epochs",
-              "global batch", "optimizer, lr"]
-    return format_table(header, rows)
-
-
-def controller_share(job: TrainJob, n_train: int) -> float:
-    """Share of the training set in D_CN: the job's, else 0.05 as in the paper, 0.5 on digits, and on a
-    small folder enough for about 1000 images (at most half of it) so the controller gets several steps."""
-    if job.controller_data is not None:
-        return job.controller_data
-    if job.dataset == "folder":
-        return max(0.05, min(0.5, 1000 / max(n_train, 1)))
-    return CONTROLLER_DATA.get(job.dataset, 0.05)
-
-
-def controller_passes(job: TrainJob, n_train: int) -> int:
-    """Passes over D_CN per epoch: the job's, else as many as give the controller MIN_CONTROLLER_STEPS steps."""
-    if job.controller_epochs is not None:
-        return job.controller_epochs
-    batches = math.ceil(math.ceil(controller_share(job, n_train) * n_train) / job.batch_size)
-    return max(1, math.ceil(MIN_CONTROLLER_STEPS / max(batches, 1)))
 
 
 def uses_cifar_model(job: TrainJob) -> bool:
@@ -416,7 +225,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     ranks = distributed.start(_device_type(job.device))
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "job.json", job_settings(job))
+        atomic_write_text(out / "job.json", json.dumps(job_settings(job), indent=1))
     progress = job.progress and ranks.main
     threads = job.threads if job.threads is not None else (1 if job.dataset == "digits" else None)
     if threads is not None:
@@ -427,38 +236,84 @@ def run(job: TrainJob) -> dict[str, Any]:
     train_loader, val_loader, classes, channels, example_shape = _data(job, pin_memory=device.type == "cuda")
     if job.label_smoothing > 0 or job.mixup > 0:
         train_loader = SoftTargetLoader(train_loader, classes, job.label_smoothing, job.mixup, job.seed)
-    loss_fn = nn.functional.cross_entropy
     model = _model(job, classes, channels)
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
+    accuracy_dense, earlier_seconds = _dense_accuracy(job, out, dense_model, train_loader, val_loader, device, progress)
+    earlier_seconds += _resumed_seconds(job, out, progress)
+    small, measured = _train_and_prune(job, config, out, model, example, (train_loader, val_loader), device, progress)
+    summary = {
+        "model": job.model,
+        "dataset": job.dataset,
+        "method": job.method,
+        "target_flops": job.target_flops,
+        "flops_kept": measured["flops_after"] / measured["flops_before"],
+        "pruned_flops": 1.0 - measured["flops_after"] / measured["flops_before"],
+        **{k: measured[k] for k in ("flops_before", "flops_after", "params_before", "params_after")},
+        "accuracy_dense": accuracy_dense,
+        "accuracy_trained": measured["accuracy_trained"],
+        "accuracy_pruned": measured["accuracy_pruned"],
+        "epochs": job.epochs,
+        "ranks": ranks.world,
+        "seconds": earlier_seconds + time.perf_counter() - started,  # the whole run, over every invocation
+        "seconds_this_invocation": time.perf_counter() - started,
+        "picture": measured["picture"],
+        "job": asdict(job),
+        "ato": asdict(config),  # every ATO option the run used, the flavour's included
+    }
+    if ranks.main:
+        save(small, out / "pruned.pt", example)
+        (out / "widths.json").write_text(json.dumps({"model": job.model, "layers": layer_widths(dense_model, small)},
+                                                    indent=1))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        draw_run_plots(out)
+    distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
+    return summary
 
-    accuracy_dense, earlier_seconds = None, 0.0  # seconds earlier invocations spent on what this one reuses
-    if job.dense_reference:
-        stored = _dense_reference(job, out)
-        if stored is not None:
-            accuracy_dense, earlier_seconds = stored["accuracy_dense"], stored.get("seconds", 0.0)
-        else:
-            dense_started = time.perf_counter()
-            train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
-                        make_optimizer=lambda m: job_optimizer(job, m))
-            accuracy_dense = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
-            if ranks.main:  # kept across an interrupt: a rerun with the same settings does not train it again
-                _write_json(out / "dense.json", {"accuracy_dense": accuracy_dense,
-                                                 "seconds": time.perf_counter() - dense_started,
-                                                 "settings": {k: getattr(job, k) for k in DENSE_SETTINGS}})
+
+def _dense_accuracy(job: TrainJob, out: Path, dense_model: nn.Module, train_loader: Any, val_loader: Any,
+                    device: torch.device, progress: bool) -> tuple[float | None, float]:
+    """The dense reference's accuracy (None without one) and the seconds an earlier invocation spent on it:
+    OUT/dense.json when it holds this job's dense settings, else the model trained now and recorded there."""
+    if not job.dense_reference:
+        return None, 0.0
+    stored = _dense_reference(job, out)
+    if stored is not None:
+        return stored["accuracy_dense"], stored.get("seconds", 0.0)
+    started = time.perf_counter()
+    loss_fn = nn.functional.cross_entropy
+    train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
+                make_optimizer=lambda m: job_optimizer(job, m))
+    accuracy = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
+    if distributed.current().main:  # kept across an interrupt: a rerun with the same settings does not train it again
+        atomic_write_text(out / "dense.json", json.dumps({
+            "accuracy_dense": accuracy, "seconds": time.perf_counter() - started,
+            "settings": {k: getattr(job, k) for k in DENSE_SETTINGS}}, indent=1))
+    return accuracy, 0.0
+
+
+def _resumed_seconds(job: TrainJob, out: Path, progress: bool) -> float:
+    """The seconds of the epochs a rerun resumes (0 on a fresh run), saying where it resumes."""
     done = _finished_epochs(out / "checkpoints")
-    if done:
-        earlier_seconds += sum(r.get("seconds", 0.0) for r in done)
-        if progress and len(done) < job.epochs:
-            print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} (epochs 1-{len(done)} are "
-                  f"checkpointed in {out / 'checkpoints'})", flush=True)
-        elif progress:
-            print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
-                  "the results again", flush=True)
+    if not done:
+        return 0.0
+    if progress and len(done) < job.epochs:
+        print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} (epochs 1-{len(done)} are "
+              f"checkpointed in {out / 'checkpoints'})", flush=True)
+    elif progress:
+        print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
+              "the results again", flush=True)
+    return sum(r.get("seconds", 0.0) for r in done)
 
+
+def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, model: nn.Module, example: tuple,
+                     data: tuple[Any, Any], device: torch.device, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Analyse, train with ATO (resuming from OUT/checkpoints), prune; the pruned model on the CPU and its figures."""
+    train_loader, val_loader = data
+    loss_fn = nn.functional.cross_entropy
     ato = compile_model(model, example)
     flops_before, params_before = count_flops(model, example), count_params(model)
-    picture = ato.visualize(out / "zigs.svg") if ranks.main and job.picture else None
+    picture = ato.visualize(out / "zigs.svg") if distributed.current().main and job.picture else None
     optimizer, scheduler = job_optimizer(job, model)
     options = {k: v for k, v in asdict(config).items() if k in ATO_OPTIONS}
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
@@ -471,37 +326,10 @@ def run(job: TrainJob) -> dict[str, Any]:
     small = ato.prune()
     accuracy_pruned = evaluate(small, val_loader, device, loss_fn)["accuracy"]
     small_cpu = copy.deepcopy(small).cpu().to(memory_format=torch.contiguous_format)
-    flops_after, params_after = count_flops(small_cpu, example), count_params(small_cpu)
-    summary = {
-        "model": job.model,
-        "dataset": job.dataset,
-        "method": job.method,
-        "target_flops": job.target_flops,
-        "flops_kept": flops_after / flops_before,
-        "pruned_flops": 1.0 - flops_after / flops_before,
-        "flops_before": flops_before,
-        "flops_after": flops_after,
-        "params_before": params_before,
-        "params_after": params_after,
-        "accuracy_dense": accuracy_dense,
-        "accuracy_trained": accuracy_trained,
-        "accuracy_pruned": accuracy_pruned,
-        "epochs": job.epochs,
-        "ranks": ranks.world,
-        "seconds": earlier_seconds + time.perf_counter() - started,  # the whole run, over every invocation
-        "seconds_this_invocation": time.perf_counter() - started,
-        "picture": picture.name if picture is not None else None,
-        "job": asdict(job),
-        "ato": asdict(config),  # every ATO option the run used, the flavour's included
-    }
-    if ranks.main:
-        save(small_cpu, out / "pruned.pt", example)
-        (out / "widths.json").write_text(json.dumps({"model": job.model,
-                                                     "layers": layer_widths(dense_model, small_cpu)}, indent=1))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        draw_run_plots(out)
-    distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
-    return summary
+    return small_cpu, {"flops_before": flops_before, "flops_after": count_flops(small_cpu, example),
+                       "params_before": params_before, "params_after": count_params(small_cpu),
+                       "accuracy_trained": accuracy_trained, "accuracy_pruned": accuracy_pruned,
+                       "picture": picture.name if picture is not None else None}
 
 
 def _finished_epochs(folder: Path) -> list[dict[str, Any]]:

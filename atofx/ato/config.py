@@ -15,6 +15,8 @@ from typing import Any
 from atofx.errors import ConfigError
 
 FLAVOURS = ("atofx", "official")
+METHODS = ("ato", "static")
+PROJECTIONS = ("prox", "hsp")
 # ATOConfig.official(): the authors' released code (xidongwu/AutoTrainOnce, ImageNet scripts), choice by choice
 OFFICIAL: dict[str, Any] = {
     "step_size": "share",  # project_wegit: lam * r_l * lr
@@ -94,9 +96,9 @@ class ATOConfig:
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
             raise ConfigError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")
-        if self.method not in ("ato", "static"):
+        if self.method not in METHODS:
             raise ConfigError(f"method must be 'ato' or 'static', got {self.method!r}.")
-        if self.projection not in ("prox", "hsp"):
+        if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be 'prox' or 'hsp', got {self.projection!r}.")
         start, end = self.controller_window
         if not 0.0 <= start < end <= 1.0:

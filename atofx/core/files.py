@@ -48,3 +48,10 @@ def atomic_save(payload: Any, path: Path, previous: Path | None = None) -> Path:
         path.replace(previous)
     tmp.replace(path)
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file, so an interrupt never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
