@@ -27,6 +27,10 @@ class DatasetError(DataError):
     """A dataset is missing, incomplete or could not be downloaded."""
 
 
+class ModelNotFoundError(AtofxError):
+    """A model name that is neither a torchvision classification model nor an importable factory."""
+
+
 class NoPrunableSpaceError(AtofxError):
     """The analysis found no channel space that can be pruned."""
 

@@ -27,9 +27,9 @@ def test_keys_name_the_spaces():
     c = Controller([3, 4], keys=[7, 2])
     assert list(c.mask()) == [7, 2]
     assert c.mask()[2].shape == (4,)
-    with pytest.raises(ValueError):
+    with pytest.raises(atofx.ConfigError):
         Controller([3, 4], keys=[1, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(atofx.ConfigError):
         Controller([3, 0])
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import atofx
 from atofx.ato.flops_regularizer import controller_loss, flops_regularizer
 
 TOTAL = 1000.0
@@ -47,5 +48,5 @@ def test_gradient_through_the_flops_model_reaches_the_mask():
 
 @pytest.mark.parametrize(("target", "total"), [(0.0, TOTAL), (1.5, TOTAL), (0.5, 0.0)])
 def test_rejects_bad_budget(target, total):
-    with pytest.raises(ValueError):
+    with pytest.raises(atofx.ConfigError):
         flops_regularizer(torch.tensor(1.0), target, total)

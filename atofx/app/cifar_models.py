@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from atofx.errors import ConfigError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -38,7 +40,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 1):
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}.")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 56, 110, ...), got {depth}.")
         n = (depth - 2) // 6
         widths = [16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)

@@ -12,13 +12,14 @@ import inspect
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import nn
 
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, ModelNotFoundError
 
 __all__ = [
     "ModelNotFoundError",
@@ -32,10 +33,6 @@ __all__ = [
 ]
 
 _TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit_")
-
-
-class ModelNotFoundError(AtofxError):
-    """A model name that is neither a torchvision classification model nor an importable factory."""
 
 
 @dataclass
@@ -149,6 +146,14 @@ def _load_factory(spec: str, input_size: tuple[int, ...] | None) -> tuple[nn.Mod
     return result, example
 
 
+def unknown_model(name: str, others: Sequence[str] = (), offer: str = "") -> ModelNotFoundError:
+    """The error for a model name atofx cannot build: the closest of `others` and torchvision's names, then `offer`
+    (what the user may give instead)."""
+    close = difflib.get_close_matches(name, [*others, *torchvision_models()], n=3, cutoff=0.5)
+    return ModelNotFoundError(f"unknown model {name!r}: " + (f"did you mean {', '.join(close)}? " if close else "")
+                              + offer)
+
+
 def load(name: str, input_size: tuple[int, ...] | None = None, batch: int = 1, seed: int = 0) -> ZooModel:
     """Build model `name` (a torchvision name or `package.module:factory`) and a random example batch.
 
@@ -162,13 +167,8 @@ def load(name: str, input_size: tuple[int, ...] | None = None, batch: int = 1, s
     elif name in torchvision_models():
         model = _build_torchvision(name)
     else:
-        close = difflib.get_close_matches(name, torchvision_models(), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ModelNotFoundError(
-            f"unknown model {name!r}: {hint}Give a torchvision classification model name "
-            "(python -c 'import torchvision; print(torchvision.models.list_models())') "
-            "or your own as package.module:factory."
-        )
+        raise unknown_model(name, offer="Give a torchvision classification model name (python -c 'import torchvision; "
+                            "print(torchvision.models.list_models())') or your own as package.module:factory.")
     if example is None:
         size = input_size or (default_input_size(name) if ":" not in name else (3, 224, 224))
         example = torch.randn(batch, *size, generator=torch.Generator().manual_seed(seed))

@@ -172,14 +172,8 @@ def _model(job: TrainJob, classes: int, channels: int) -> nn.Module:
     if ":" in job.model:
         return model_zoo._load_factory(job.model, None)[0]
     if job.model not in model_zoo.torchvision_models():
-        import difflib
-
-        names = [*CIFAR_MODELS, *model_zoo.torchvision_models()]
-        close = difflib.get_close_matches(job.model, names, n=3, cutoff=0.5)
-        raise model_zoo.ModelNotFoundError(
-            f"unknown model {job.model!r}: " + (f"did you mean {', '.join(close)}? " if close else "")
-            + f"Give a CIFAR model ({', '.join(CIFAR_MODELS)}), a torchvision classification model or "
-            "package.module:factory.")
+        raise model_zoo.unknown_model(job.model, list(CIFAR_MODELS), f"Give a CIFAR model ({', '.join(CIFAR_MODELS)}), "
+                                      "a torchvision classification model or package.module:factory.")
     if channels != 3:
         raise AtofxError(f"torchvision's {job.model} takes 3-channel images but {job.dataset} has {channels}; "
                          f"use a CIFAR model ({', '.join(CIFAR_MODELS)}) or an RGB dataset.")

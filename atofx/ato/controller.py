@@ -53,10 +53,10 @@ class Controller(nn.Module):
                  head_bias: bool = True):
         super().__init__()
         if not widths or any(w < 1 for w in widths):
-            raise ValueError(f"Controller needs at least one space, each of width >= 1; got widths={list(widths)}.")
+            raise ConfigError(f"Controller needs at least one space, each of width >= 1; got widths={list(widths)}.")
         keys = list(range(len(widths))) if keys is None else list(keys)
         if len(keys) != len(widths) or len(set(keys)) != len(keys):
-            raise ValueError(f"keys must be {len(widths)} distinct space indices; got {keys}.")
+            raise ConfigError(f"keys must be {len(widths)} distinct space indices; got {keys}.")
         self.keys: list[int] = keys
         self.widths: list[int] = [int(w) for w in widths]
         gen = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from atofx.errors import ConfigError
+
 DEAD_BAND = 0.005  # the official code's band around p*, in shares of P_total
 REGULARIZERS = ("paper", "official")
 
@@ -21,9 +23,9 @@ REGULARIZERS = ("paper", "official")
 def flops_regularizer(p: Tensor, target: float, total: float) -> Tensor:
     """log(max(p, target * total) / (target * total)): 0 when p <= budget, d/dp = 1/p above it."""
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target is the fraction of FLOPs kept, in (0, 1]; got {target}.")
+        raise ConfigError(f"target is the fraction of FLOPs kept, in (0, 1]; got {target}.")
     if total <= 0:
-        raise ValueError(f"total FLOPs must be positive; got {total}.")
+        raise ConfigError(f"total FLOPs must be positive; got {total}.")
     budget = target * total
     return torch.log(torch.clamp(p, min=budget) / budget)
 
@@ -31,7 +33,7 @@ def flops_regularizer(p: Tensor, target: float, total: float) -> Tensor:
 def two_sided_regularizer(p: Tensor, target: float, total: float) -> Tensor:
     """The official code's form: log(max(r, p*+band) / p*) above p*, log(p* / min(r, p*-band)) at or below it."""
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target is the fraction of FLOPs kept, in (0, 1]; got {target}.")
+        raise ConfigError(f"target is the fraction of FLOPs kept, in (0, 1]; got {target}.")
     r = p / total
     above = torch.log(torch.clamp(r, min=target + DEAD_BAND) / target)
     below = torch.log(target / torch.clamp(r, max=target - DEAD_BAND).clamp_min(1e-12))
