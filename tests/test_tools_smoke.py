@@ -140,7 +140,7 @@ SMALL_FASHION = bench_accuracy.Protocol("fashion-mnist", "resnet20", 2, 16, 64, 
 
 def test_accuracy_benchmark_runs_every_method_on_fashion_mnist_files(tmp_path):
     """Every method, validation split and test set, on Fashion-MNIST files this test writes."""
-    from tests.test_datasets import write_fashion_mnist
+    from tests.app.test_datasets import write_fashion_mnist
 
     write_fashion_mnist(tmp_path, train=120, test=48)
     runs = bench_accuracy.run_all([0], (0.5,), SMALL_FASHION, data_dir=str(tmp_path), lam=1.0)

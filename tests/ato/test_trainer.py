@@ -28,7 +28,7 @@ EPOCHS = 5
 # a small, fast controller schedule that really drops channels in a few epochs
 FAST = {"controller_data": 0.25, "controller_lr": 0.01, "controller_epochs": 3}
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import atofx
 from atofx.core import visualize
-from tests.test_report import Net
+from tests.core.test_report import Net
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot program is not installed")
 

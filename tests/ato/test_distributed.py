@@ -24,9 +24,9 @@ from atofx.ato import distributed
 from atofx.ato.controller import controller_subset
 from atofx.ato.loop import evaluate
 from atofx.errors import AtofxError, ConfigError
-from tests.test_datasets import write_image_folder
+from tests.app.test_datasets import write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 RUN_LIMIT_S, WAIT_LIMIT_S, POLL_S = 300.0, 240.0, 0.05
 

@@ -17,7 +17,7 @@ from torch import nn
 import atofx
 from atofx.core.serialization import FORMAT, read_payload
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def resnet18() -> nn.Module:

@@ -107,7 +107,7 @@ def test_bad_ato_options_are_refused_before_any_training(tmp_path, monkeypatch, 
 def test_atofx_train_on_fashion_mnist_files(tmp_path, capsys):
     """`atofx train --dataset fashion-mnist --data-dir DIR`: a one-channel CIFAR ResNet on the IDX files, unchanged."""
     from atofx.app import cli
-    from tests.test_datasets import write_fashion_mnist
+    from tests.app.test_datasets import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "fm", train=48, test=16)
     out = tmp_path / "out"

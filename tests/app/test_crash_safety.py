@@ -20,7 +20,7 @@ import torch
 import atofx
 from atofx.ato import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 6
 # enough controller steps that 6 epochs on digits really drop channels (about 0.3 of the FLOPs kept)
 RECIPE = {"controller_epochs": 15}

@@ -17,9 +17,9 @@ from atofx.app import cli, train_command
 from atofx.app.cifar_models import CIFAR_MODELS, resnet20
 from atofx.app.model_zoo import torchvision_models
 from atofx.app.options import DATASETS, TrainJob, load_recipe
-from tests.test_datasets import write_image_folder
+from tests.app.test_datasets import write_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
