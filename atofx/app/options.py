@@ -54,7 +54,7 @@ class TrainJob:
     out: str = "atofx-out"
     dense_reference: bool = True
     progress: bool = True
-    controller_data: float | None = None  # None: the dataset's recipe (0.05 as in the paper; see controller_share)
+    controller_data: float | None = None  # None: the dataset's recipe (see controller_share)
     controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
     threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
     amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32

@@ -31,6 +31,7 @@ from atofx.passes.tracing import LeafSpec
 # after one epoch of controller steps, 15% accuracy against 62% for plain training)
 MIN_WINDOW_EPOCHS = 3
 MIN_WINDOW_STEPS = 20
+_DEFAULT_WINDOW = ATOConfig.controller_window[1] - ATOConfig.controller_window[0]  # share of the epochs
 
 
 def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str | None:
@@ -42,8 +43,8 @@ def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str |
     return (f"with {phases.epochs} epochs the controller learns the mask in {window} epoch(s) "
             f"({steps} controller steps; it needs about {MIN_WINDOW_EPOCHS} epochs and {MIN_WINDOW_STEPS} steps) and "
             f"the mask then freezes: expect a large accuracy loss. Train for more epochs (at least "
-            f"{math.ceil(MIN_WINDOW_EPOCHS / 0.4)}; `atofx train --epochs`), give the controller more data or passes "
-            "(controller_data, controller_epochs), or use method='static'.")
+            f"{math.ceil(MIN_WINDOW_EPOCHS / _DEFAULT_WINDOW)}; `atofx train --epochs`), give the controller more data or "
+            "passes (controller_data, controller_epochs), or use method='static'.")
 
 
 def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
