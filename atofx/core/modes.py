@@ -13,9 +13,8 @@ from torch import nn
 def evaluating(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
     """Eval mode (and no autograd, unless `no_grad` is False) inside the block; afterwards exactly the layers
     that were training train again, even if the block raised."""
-    training = [m for m in model.modules() if m.training]  # only these change and change back
-    for m in training:
-        m.training = False
+    training = [m for m in model.modules() if m.training]  # only these change back
+    model.eval()  # through eval(): a module that overrides train() sees the switch
     try:
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield model
