@@ -20,7 +20,7 @@ import atofx
 from atofx.app import cli
 from atofx.app.cifar_models import CifarResNet
 from atofx.ato import checkpoint as ckpt
-from atofx.ato import trainer as trainer_module
+from atofx.ato import loop as loop_module
 from atofx.errors import ConfigError, DataError, NoPrunableSpaceError, ShapeError, TraceError
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
@@ -195,8 +195,8 @@ def test_labels_out_of_range_in_the_validation_loader() -> None:
 def test_batches_are_checked_once_an_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The label check syncs with the host: it runs on the first batch of each epoch only."""
     calls = []
-    check = trainer_module.check_targets
-    monkeypatch.setattr(trainer_module, "check_targets", lambda *a: calls.append(1) or check(*a))
+    check = loop_module.check_targets
+    monkeypatch.setattr(loop_module, "check_targets", lambda *a: calls.append(1) or check(*a))
     fresh().train(loader(images(32), labels(32)), 2, **QUIET)  # 4 batches an epoch, no val loader
     assert len(calls) == 2
 
