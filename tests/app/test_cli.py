@@ -170,11 +170,12 @@ def test_a_factory_that_needs_arguments_says_so(tmp_path, monkeypatch, capsys):
     assert "needs arguments" in err and "'width'" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["report", "--help"], ["nosuchcommand"],
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["report", "--help"], ["train", "--help"],
+                                  ["nosuchcommand"],
                                   ["inspect", "resnet18", "--no-such-flag"]])
 def test_help_and_argument_errors_import_no_torch(argv):
     """torch takes seconds to import: `atofx --help` and a mistyped flag must not wait for it."""
-    code = ("import sys\nfrom atofx import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom atofx.app import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip().splitlines()[-1] == "no torch", proc.stdout + proc.stderr
