@@ -26,9 +26,9 @@ def _modules() -> dict[str, Path]:
     for folder, package in ((ROOT / "atofx", "atofx"), (ROOT / "passes", "atofx.passes")):
         for path in sorted(folder.rglob("*.py")):
             parts = list(path.relative_to(folder).with_suffix("").parts)
-            if parts[-1] == "__init__" and len(parts) > 1:
+            if parts[-1] == "__init__" and (parts[:-1] or package != "atofx"):  # a subpackage is its __init__
                 parts.pop()
-            found[".".join([package, *parts]) if parts != ["__init__"] or package != "atofx" else "atofx.__init__"] = path
+            found[".".join([package, *parts])] = path  # atofx/__init__.py stays `atofx.__init__`, the top layer
     return found
 
 
