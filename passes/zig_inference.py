@@ -15,7 +15,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .channel_layout import layouts_in
-from .dependency import ChannelFacts, ParamSlice
+from .rule_context import ChannelFacts, ParamSlice
 
 
 @dataclass
