@@ -37,7 +37,9 @@ example_inputs_of: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKey
 
 
 def _qualname(fn: Any) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}" if getattr(fn, "__module__", None) else fn.__qualname__
+    # torch's boolean_dispatch wrappers (F.max_pool2d, F.adaptive_max_pool1d, ...) share one __qualname__
+    name = fn.__name__ if "<locals>" in fn.__qualname__ else fn.__qualname__
+    return f"{fn.__module__}.{name}" if getattr(fn, "__module__", None) else name
 
 
 def _allowed_functions() -> dict[str, Any]:

@@ -474,7 +474,15 @@ def instance_norm(ctx: RuleContext) -> Any:
 
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 _batch_norm_surgery = _out_only(tp.prune_batchnorm_out_channels, _NORM_STATE)
-_instance_norm_surgery = _out_only(tp.prune_instancenorm_out_channels, _NORM_STATE)
+
+
+def instance_norm_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
+    """torch-pruning's function sets the width and cuts the affine parameters; the running statistics, which it
+    leaves whole, are cut as plain buffers by the rewrite pass."""
+    drops = [r[(n, 0)] for n in _NORM_STATE if (n, 0) in r]
+    if drops and len(drops[0]):
+        tp.prune_instancenorm_out_channels(m, _ids(drops[0]))
+    return {("weight", 0), ("bias", 0)}
 
 
 def batch_norm_output_shape(*ranks: int) -> ShapeShortcut:
@@ -1216,7 +1224,7 @@ OPS = OpTable([
       for cls, ranks in ((nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,)))),
     Op((nn.SyncBatchNorm,), "batch-norm", batch_norm, surgery=_batch_norm_surgery, saved_attrs=("num_features",)),
     Op((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "batch-norm", batch_norm,
-       surgery=_instance_norm_surgery, saved_attrs=("num_features",)),
+       surgery=instance_norm_surgery, saved_attrs=("num_features",)),
     Op((F.batch_norm,), "batch-norm", batch_norm),
     Op((F.instance_norm,), "instance-norm", instance_norm),
     Op((nn.GroupNorm,), "group-norm", group_norm, surgery=group_norm_surgery, saved_attrs=("num_channels", "num_groups")),
@@ -1257,7 +1265,7 @@ OPS = OpTable([
     Op((nn.ChannelShuffle, torch.channel_shuffle), "channel shuffle", channel_shuffle),
     Op((Method("size"), Method("dim"), Method("numel"), getattr), "shape query", shape_query),
     # sequences and products
-    Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery),
+    Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery, saved_attrs=("input_size",)),
     Op((torch.matmul, operator.matmul, torch.bmm, Method("matmul"), Method("bmm")), "matmul", matmul),
     # no rule (their channels are pinned), but a saved graph may call them
     Op((torch.einsum, F.scaled_dot_product_attention, operator.floordiv, operator.pow, operator.mod), "saved only"),
