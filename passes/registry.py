@@ -61,18 +61,33 @@ class Op:
     saved_attrs: tuple[str, ...] = ()
 
 
-def is_layer(target: Any) -> bool:
+def _is_layer(target: Any) -> bool:
     return isinstance(target, type) and issubclass(target, nn.Module)
 
 
+def _check(op: Op) -> None:
+    """What only makes sense together: a surgery, patch or shortcut needs a rule (the rule decides what goes);
+    surgery, shortcut and saved widths are about layers, a patch about a call's arguments."""
+    if (op.surgery or op.patch or op.output_shape) and op.rule is None:
+        raise OpTableError(f"op '{op.kind}' has a surgery, patch or shape shortcut but no rule; give it a rule.")
+    layers = [_is_layer(t) for t in op.targets]
+    if (op.surgery or op.output_shape or op.saved_attrs) and not all(layers):
+        raise OpTableError(f"op '{op.kind}' declares a surgery, shape shortcut or saved widths for a target that is "
+                           "not a layer class; declare functions in an entry of their own.")
+    if op.patch and any(layers):
+        raise OpTableError(f"op '{op.kind}' declares a literal patch for a layer class; patches rewrite function and "
+                           "method calls, so declare the layer in an entry of its own.")
+
+
 class OpTable:
-    """The registry's entries, indexed by target; a target declared twice is refused."""
+    """The registry's entries, indexed by target; a target declared twice, or an inconsistent entry, is refused."""
 
     def __init__(self, entries: Iterable[Op]):
         self.entries: tuple[Op, ...] = tuple(entries)
         self.by_target: dict[Any, Op] = {}
         twice = []
         for op in self.entries:
+            _check(op)
             for target in op.targets:
                 if target in self.by_target:  # two names of one function (F.channel_shuffle is torch.channel_shuffle)
                     twice.append(f"{target!r} (as '{self.by_target[target].kind}' and as '{op.kind}')")

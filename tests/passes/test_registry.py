@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from atofx.passes.channel_layout import ChannelLayout
 from atofx.passes.op_rules import OPS, unary
-from atofx.passes.registry import Op, OpTable, is_layer
+from atofx.passes.registry import Op, OpTable
 from atofx.passes.rewrite import remove_channels
 from torch import nn
 
@@ -62,17 +62,15 @@ def test_a_target_declared_twice_is_refused_with_both_entries_named() -> None:
     assert len(OPS.by_target) == sum(len(op.targets) for op in OPS.entries)
 
 
-def test_every_op_with_a_surgery_patch_or_shape_shortcut_has_a_rule() -> None:
-    missing = [op.kind for op in OPS.entries if (op.surgery or op.patch or op.output_shape) and op.rule is None]
-    assert not missing
-
-
-def test_layers_carry_surgery_shortcuts_and_saved_widths_and_functions_carry_patches() -> None:
-    for op in OPS.entries:
-        if op.surgery or op.output_shape or op.saved_attrs:
-            assert all(is_layer(t) for t in op.targets), op.kind
-        if op.patch:
-            assert not any(is_layer(t) for t in op.targets), op.kind
+@pytest.mark.parametrize(("entry", "complaint"), [
+    (Op((nn.Conv2d,), "surgery alone", surgery=lambda m, r: set()), "no rule"),
+    (Op((torch.relu,), "function surgery", unary(True), surgery=lambda m, r: set()), "not a layer class"),
+    (Op((nn.ReLU, torch.relu), "mixed widths", unary(True), saved_attrs=("width",)), "not a layer class"),
+    (Op((nn.ReLU,), "layer patch", unary(True), patch=lambda n, lay, k: False), "for a layer class"),
+], ids=lambda v: v.kind if isinstance(v, Op) else "")
+def test_an_inconsistent_entry_is_refused(entry: Op, complaint: str) -> None:
+    with pytest.raises(OpTableError, match=complaint):
+        OpTable([entry])
 
 
 def test_every_layer_with_a_surgery_has_a_sample_here() -> None:
