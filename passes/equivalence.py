@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channel_layout import ChannelLayout
-from .values import eval_mode, tensors_in
+from .values import evaluating, tensors_in
 from .zig_inference import ZIGSet
 
 
@@ -31,7 +31,7 @@ def run_eval(model: nn.Module, inputs: tuple) -> Any:
     p = next(model.parameters(), None)
     if p is not None:
         inputs = tuple(x.to(p.device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    with eval_mode(model), torch.no_grad():
+    with evaluating(model):
         return model(*inputs)
 
 
@@ -46,7 +46,7 @@ def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
     """Every node's value in one eval-mode run; nodes after a failure are missing."""
     rec = _Record(gm)
     rec.values = {}
-    with eval_mode(gm), torch.no_grad(), suppress(Exception):  # the pruned graph may break part-way: what ran
+    with evaluating(gm), suppress(Exception):  # the pruned graph may break part-way: what ran
         rec.run(*inputs)  # is what we compare
     return rec.values
 

@@ -1,14 +1,15 @@
 """Walking nested values and running a module in eval mode: the one copy the passes (and the layers above) use.
 
 Model inputs and outputs are tensors nested in tuples, lists and dicts; checks that compare or count them
-walk that structure with `tensors_in`. A check that runs a model in eval mode must give it back in the
-mode it had, even when the run fails: `eval_mode` does both.
+walk that structure with `tensors_in`. A check that runs a model in eval mode must give every layer back
+the mode it had, even when the run fails: `evaluating` does (the same contract as `atofx.core.modes`, so
+that copy can become an import of this one).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,12 +27,15 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode inside the block, and back in the mode it had after it, even on an error."""
-    was = model.training
-    model.eval()
+@contextlib.contextmanager
+def evaluating(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
+    """Eval mode (and no autograd, unless `no_grad` is False) inside the block; afterwards exactly the layers
+    that were training train again, even if the block raised."""
+    training = [m for m in model.modules() if m.training]  # only these change back
+    model.eval()  # through eval(): a module that overrides train() sees the switch
     try:
-        yield model
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            yield model
     finally:
-        model.train(was)
+        for m in training:
+            m.training = True

@@ -10,7 +10,7 @@ import torch
 from atofx.passes.equivalence import first_divergence, node_values, relative_difference, run_eval
 from atofx.passes.rewrite import prune_copy
 from atofx.passes.tracing import trace
-from atofx.passes.values import eval_mode, tensors_in
+from atofx.passes.values import evaluating, tensors_in
 from torch import nn
 
 from tests.passes.analysis import analyse, space_of
@@ -51,12 +51,13 @@ def test_run_eval_runs_without_dropout_and_gives_the_model_back_in_its_mode() ->
     assert torch.equal(out, model[0](x).detach())
 
 
-def test_eval_mode_restores_the_mode_when_the_run_fails() -> None:
-    model = nn.Linear(4, 4).train()
-    with pytest.raises(RuntimeError), eval_mode(model):
-        assert not model.training
+def test_evaluating_gives_each_layer_back_its_own_mode_even_when_the_run_fails() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
+    model[1].eval()  # a layer the user froze stays frozen
+    with pytest.raises(RuntimeError), evaluating(model):
+        assert not model.training and not model[0].training and not torch.is_grad_enabled()
         model(torch.ones(2, 5))
-    assert model.training
+    assert model.training and model[0].training and not model[1].training
 
 
 def _masked_and_pruned(break_pruned) -> tuple:
