@@ -39,6 +39,14 @@ class EquivalenceError(AtofxError):
     """The pruned model does not reproduce the masked model's outputs."""
 
 
+class SurgeryError(AtofxError):
+    """The rewrite pass cannot remove the chosen channels from a layer (an analysis bug: please report it)."""
+
+
+class OpTableError(AtofxError):
+    """The op table declares an op twice or inconsistently (an error in an added entry)."""
+
+
 class UnsafeCheckpointError(AtofxError):
     """A checkpoint or saved model carries code; it was refused without running it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import numpy as np
@@ -10,22 +11,13 @@ import torch.fx as fx
 from torch import nn
 
 from .channel_layout import ChannelLayout
+from .values import evaluating, tensors_in
 from .zig_inference import ZIGSet
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def relative_difference(a: Any, b: Any) -> float:
     """max |a - b| / max |a| over all tensors of two (nested) outputs; inf if structures differ."""
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = tensors_in(a), tensors_in(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb, strict=True)):
         return float("inf")
     diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb, strict=True) if x.numel()),
@@ -39,13 +31,8 @@ def run_eval(model: nn.Module, inputs: tuple) -> Any:
     p = next(model.parameters(), None)
     if p is not None:
         inputs = tuple(x.to(p.device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(*inputs)
-    finally:
-        model.train(was)
+    with evaluating(model):
+        return model(*inputs)
 
 
 class _Record(fx.Interpreter):
@@ -59,15 +46,8 @@ def node_values(gm: fx.GraphModule, inputs: tuple) -> dict[str, Any]:
     """Every node's value in one eval-mode run; nodes after a failure are missing."""
     rec = _Record(gm)
     rec.values = {}
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            rec.run(*inputs)
-    except Exception:  # the pruned graph may break part-way; what ran is what we compare
-        pass
-    finally:
-        gm.train(was)
+    with evaluating(gm), suppress(Exception):  # the pruned graph may break part-way: what ran
+        rec.run(*inputs)  # is what we compare
     return rec.values
 
 

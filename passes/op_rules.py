@@ -1,59 +1,32 @@
-"""The op rule table: for each op, how channel positions flow from its inputs to its outputs.
+"""The op table: one `Op` entry per op, holding all atofx knows about it (see `registry.py`).
 
-`RULES` is data: one entry per op target (a module class, a function, or a `Method` name),
-each an `OpRule` whose `propagate(ctx)` returns the output layout and reports unions, pins,
-parameter slices and FLOPs scaling through the `RuleContext`. An op that is not in the table
-pins every channel it touches (see `ChannelDependencyPass`).
+For each op this module holds its propagation rule (how channel positions flow from its inputs to its
+outputs: the rule returns the output layout and reports unions, pins, parameter slices and FLOPs
+scaling through the `RuleContext`), and where the op needs them, its surgery, its literal patch and
+its shape shortcut, each written next to its rule; `OPS` at the end declares them together. An op not
+in the table pins every channel it touches (see `ChannelDependencyPass`). Supporting an op is one
+`Op` entry here and one test case in tests/passes/test_op_rules.py.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch_pruning as tp
 import torchvision
 from torch import nn
 
+from atofx.errors import SurgeryError
+
 from .channel_layout import ChannelLayout, concat, reshape_groups
-from .dependency import RuleContext, output_shapes
-
-
-class Method(NamedTuple):
-    """Key for a `call_method` node, e.g. `Method("view")`."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class OpRule:
-    kind: str
-    propagate: Callable[[RuleContext], Any]
-
-
-def lookup_rule(rules: dict, node: fx.Node, module: nn.Module | None) -> OpRule | None:
-    if node.op == "call_module":
-        cls = type(module)
-        if cls in rules:
-            return rules[cls]
-        # a subclass counts only if it keeps its base's forward
-        for base in cls.__mro__[1:]:
-            if base in rules and cls.forward is base.forward:
-                return rules[base]
-        return None
-    if node.op == "call_method":
-        return rules.get(Method(str(node.target)))
-    if node.op == "call_function":
-        try:
-            return rules.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    return None
+from .registry import Kept, Method, Op, OpTable, Removal, ShapeShortcut, Surgery
+from .rule_context import RuleContext, output_shapes
 
 
 def _ndim(ctx: RuleContext, value: Any) -> int:
@@ -226,6 +199,49 @@ def _untracked_operand(
     return zero if is_param else np.zeros_like(zero)
 
 
+# ---------------------------------------------------------------- surgery helpers
+
+
+def _keep(size: int, drop: np.ndarray) -> torch.Tensor:
+    mask = np.ones(size, dtype=bool)
+    mask[drop] = False
+    return torch.as_tensor(np.flatnonzero(mask))
+
+
+def slice_tensor_attr(owner: nn.Module, name: str, dim: int, drop: np.ndarray) -> None:
+    """Remove indices `drop` along `dim` of a parameter or buffer, keeping its kind."""
+    old = getattr(owner, name)
+    data = old.detach().index_select(dim, _keep(old.shape[dim], drop).to(old.device)).clone()
+    if isinstance(old, nn.Parameter):
+        setattr(owner, name, nn.Parameter(data, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(name, data, persistent=name not in owner._non_persistent_buffers_set)
+
+
+def _ids(drop: np.ndarray | None) -> list[int]:
+    return [] if drop is None else [int(i) for i in drop]
+
+
+def _out_only(fn: Callable[[nn.Module, list[int]], object], names: tuple[str, ...]) -> Surgery:
+    """A surgery by one of torch-pruning's out-channel functions, for layers whose state is per channel."""
+
+    def prune(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
+        drops = [r[(n, 0)] for n in names if (n, 0) in r]
+        if drops and len(drops[0]):
+            fn(m, _ids(drops[0]))
+        return {(n, 0) for n in names}
+
+    return prune
+
+
+def _literal(node: fx.Node, index: int, name: str) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
+def _set_literal(node: fx.Node, index: int, name: str, value: Any) -> None:
+    node.update_arg(index, value) if len(node.args) > index else node.update_kwarg(name, value)
+
+
 # ---------------------------------------------------------------- layers with weights
 
 
@@ -311,6 +327,68 @@ def conv_transpose(ctx: RuleContext) -> Any:
     return out
 
 
+_CONV_ATTRS = ("in_channels", "out_channels", "groups")
+
+
+def conv_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
+    """Conv and transposed conv layers: torch-pruning's functions without groups; whole groups sliced here."""
+    out_dim, in_dim = (1, 0) if m.transposed else (0, 1)
+    out, inp = r.get(("weight", out_dim)), r.get(("weight", in_dim))
+    if m.groups == 1:
+        if out is not None and len(out):
+            tp.prune_conv_out_channels(m, _ids(out))
+        if inp is not None and len(inp):
+            tp.prune_conv_in_channels(m, _ids(inp))
+        return {("weight", 0), ("weight", 1), ("bias", 0)}
+    if m.transposed or (inp is not None and len(inp)):
+        raise SurgeryError(f"cannot remove input channels inside the groups of {m}: an atofx analysis error. Keep the "
+                           "layer out of pruning with atofx.compile(..., leaf_modules=[...]) and report it.")
+    if out is not None and len(out):
+        per_group_out, per_group_in = m.out_channels // m.groups, m.in_channels // m.groups
+        if len(out) % per_group_out:
+            raise SurgeryError(f"dropping {len(out)} channels would split a group of {m}: an atofx analysis error. "
+                               "Keep the layer out of pruning with atofx.compile(..., leaf_modules=[...]) and report it.")
+        slice_tensor_attr(m, "weight", 0, out)
+        if m.bias is not None:
+            slice_tensor_attr(m, "bias", 0, out)
+        m.groups -= len(out) // per_group_out
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = m.groups * per_group_in
+    return {("weight", 0), ("weight", 1), ("bias", 0)}
+
+
+def _conv_sizes(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> list[int] | None:
+    if m.padding_mode != "zeros" or x.dim() != m.weight.dim() or x.shape[1] != m.in_channels:
+        return None
+    spatial = x.shape[2:]
+    if m.padding == "same":
+        return list(spatial)
+    padding = (0,) * len(spatial) if m.padding == "valid" else m.padding
+    sizes = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(spatial, padding, m.dilation, m.kernel_size, m.stride, strict=True)
+    ]
+    return sizes if min(sizes) > 0 else None
+
+
+def conv_output_shape(m: nn.Module, x: torch.Tensor) -> list[int] | None:
+    sizes = _conv_sizes(m, x)  # type: ignore[arg-type]
+    return None if sizes is None else [x.shape[0], m.out_channels, *sizes]
+
+
+def _patch_groups(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """A functional grouped conv's literal `groups` becomes the number of whole groups kept."""
+    lay, old = layouts.get(node.args[0].name), _literal(node, 6, "groups")
+    old = 1 if old is None else old
+    if not isinstance(lay, ChannelLayout) or not isinstance(old, int) or old <= 1:
+        return False
+    new = int(kept(lay).sum()) // (lay.width // old)
+    if new == old:
+        return False
+    _set_literal(node, 6, "groups", new)
+    return True
+
+
 def linear(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     lay, in_nd = ctx.layout(x), _ndim(ctx, x)
@@ -335,6 +413,19 @@ def linear(ctx: RuleContext) -> Any:
         ctx.param_slice(owner, bias, 0, out.ids, "out")
     ctx.counts_flops("in*out", x)
     return out
+
+
+def linear_surgery(m: nn.Linear, r: Removal) -> set[tuple[str, int]]:
+    out, inp = r.get(("weight", 0)), r.get(("weight", 1))
+    if out is not None and len(out):
+        tp.prune_linear_out_channels(m, _ids(out))
+    if inp is not None and len(inp):
+        tp.prune_linear_in_channels(m, _ids(inp))
+    return {("weight", 0), ("weight", 1), ("bias", 0)}
+
+
+def linear_output_shape(m: nn.Module, x: torch.Tensor) -> list[int] | None:
+    return [*x.shape[:-1], m.out_features] if x.dim() >= 1 and x.shape[-1] == m.in_features else None
 
 
 _Ref = tuple[str, bool]  # (attribute name, is a parameter)
@@ -381,6 +472,30 @@ def instance_norm(ctx: RuleContext) -> Any:
     return _functional_norm(ctx, _NORM_ARGS, zero_if_plain=uses_input_stats)
 
 
+_NORM_STATE = ("weight", "bias", "running_mean", "running_var")
+_batch_norm_surgery = _out_only(tp.prune_batchnorm_out_channels, _NORM_STATE)
+
+
+def instance_norm_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
+    """torch-pruning's function sets the width and cuts the affine parameters; the running statistics, which it
+    leaves whole, are cut as plain buffers by the rewrite pass."""
+    drops = [r[(n, 0)] for n in _NORM_STATE if (n, 0) in r]
+    if drops and len(drops[0]):
+        tp.prune_instancenorm_out_channels(m, _ids(drops[0]))
+    return {("weight", 0), ("bias", 0)}
+
+
+def batch_norm_output_shape(*ranks: int) -> ShapeShortcut:
+    """An eval-mode batch norm on inputs of these ranks returns its input's shape."""
+
+    def shape(m: nn.Module, x: torch.Tensor) -> list[int] | None:
+        if not m.training and x.dim() in ranks and x.shape[1] == m.num_features and m.weight is not None:
+            return list(x.shape)
+        return None
+
+    return shape
+
+
 def _functional_norm(ctx: RuleContext, args: tuple[tuple[int, str], ...], zero_if_plain: bool) -> Any:
     """F.batch_norm / F.instance_norm: statistics and affine parameters must be attributes of one module."""
     lay = ctx.layout(ctx.arg(0, "input"))
@@ -424,6 +539,28 @@ def group_norm(ctx: RuleContext) -> Any:
         ctx.literal_channels("num_groups")
     out = _per_channel_norm(ctx, affine, (None, None), owner, zero_if_plain=True)
     return out.with_zero(np.repeat(out.zero.reshape(groups, -1).all(axis=1), lay.width // groups))
+
+
+def group_norm_surgery(m: nn.GroupNorm, r: Removal) -> set[tuple[str, int]]:
+    """Weight and bias sliced; num_channels and num_groups are set by `rewrite.prune_copy`, affine or not."""
+    drop = next((r[k] for k in (("weight", 0), ("bias", 0)) if k in r), None)
+    if drop is not None and len(drop):
+        for name in ("weight", "bias"):
+            if getattr(m, name, None) is not None:
+                slice_tensor_attr(m, name, 0, drop)
+    return {("weight", 0), ("bias", 0)}
+
+
+def _patch_num_groups(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """F.group_norm's literal `num_groups` becomes the number of whole groups kept."""
+    lay, old = layouts.get(node.args[0].name), _literal(node, 1, "num_groups")
+    if not isinstance(lay, ChannelLayout) or not isinstance(old, int):
+        return False
+    new = int(kept(lay).sum()) // (lay.width // old)
+    if new == old:
+        return False
+    _set_literal(node, 1, "num_groups", new)
+    return True
 
 
 def layer_norm(ctx: RuleContext) -> Any:
@@ -591,6 +728,28 @@ def reshape(ctx: RuleContext) -> Any:
     return _reshape_layout(ctx, lay, tuple(src), tuple(dst), fixed)
 
 
+def _patch_shape(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """A view's or reshape's literal size at the output's tracked dim becomes the number of channels kept.
+
+    The size is found by its position, not by its value: in an SK block's `view(n, 2, c, 1, 1)` with c = 2 the
+    branch count and the channel count are the same number, and only the channel count may change.
+    """
+    out = layouts.get(node.name)
+    if not isinstance(out, ChannelLayout):
+        return False
+    as_tuple = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+    sizes = list(node.args[1]) if as_tuple else list(node.args[1:])
+    nd = len(node.meta["tensor_meta"].shape)
+    if len(sizes) != nd or not isinstance(sizes[out.dim], int) or sizes[out.dim] != out.width:
+        return False  # a -1 or a computed size follows by itself
+    new = int(kept(out).sum())
+    if new == out.width:
+        return False
+    sizes[out.dim] = new
+    node.update_arg(1, type(node.args[1])(sizes)) if as_tuple else node.update_arg(1 + out.dim, new)
+    return True
+
+
 def permute(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     lay = ctx.layout(x)
@@ -743,6 +902,17 @@ def split(ctx: RuleContext) -> Any:
     return tuple(parts)
 
 
+def _patch_split(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """split()'s literal sizes become the channels each part keeps."""
+    sizes = [int(kept(p).sum()) for p in layouts.get(node.name) if isinstance(p, ChannelLayout)]
+    old = _literal(node, 1, "split_size_or_sections")
+    new = sizes[0] if isinstance(old, int) else sizes
+    if new == old:
+        return False
+    _set_literal(node, 1, "split_size_or_sections", new)
+    return True
+
+
 def getitem(ctx: RuleContext) -> Any:
     src, index = ctx.node.args
     lays = ctx.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None
@@ -790,6 +960,24 @@ def getitem(ctx: RuleContext) -> Any:
     return result
 
 
+def _patch_slice(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """A literal channel slice `x[:, a:b]` becomes the slice of the channels kept in it."""
+    src, index = node.args
+    lay = layouts.get(src.name)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not isinstance(lay, ChannelLayout) or lay.dim >= len(items) or not isinstance(items[lay.dim], slice):
+        return False
+    s = items[lay.dim]
+    start, stop, step = s.indices(lay.width)
+    k = kept(lay)
+    new = slice(int(k[:start].sum()), int(k[:stop].sum()))
+    if step != 1 or new == slice(s.start, s.stop):
+        return False
+    items[lay.dim] = new
+    node.update_arg(1, tuple(items) if isinstance(index, tuple) else items[0])
+    return True
+
+
 def roll(ctx: RuleContext) -> Any:
     """A roll over channels is a fixed rotation: followed, its shift rewritten to the channels kept."""
     x = ctx.arg(0, "input")
@@ -810,6 +998,23 @@ def roll(ctx: RuleContext) -> Any:
         return lay
     ctx.literal_channels("roll shift")
     return ChannelLayout(lay.dim, np.roll(lay.ids, shift), np.roll(lay.zero, shift))
+
+
+def _patch_roll(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """A roll over channels by s moves the last s channels to the front: after pruning, by those of them kept."""
+    lay, shifts, dims = layouts.get(node.args[0].name), _literal(node, 1, "shifts"), _literal(node, 2, "dims")
+    if not isinstance(lay, ChannelLayout) or dims is None:
+        return False
+    as_list = isinstance(shifts, (tuple, list))
+    shifts_l, dims_l = (list(shifts), list(dims)) if as_list else ([shifts], [dims])
+    nd = len(node.args[0].meta["tensor_meta"].shape)
+    k = kept(lay)
+    new = [int(k[lay.width - int(sh) % lay.width:].sum()) if (d + nd if d < 0 else d) == lay.dim else sh
+           for sh, d in zip(shifts_l, dims_l, strict=True)]
+    if new == shifts_l:
+        return False
+    _set_literal(node, 1, "shifts", type(shifts)(new) if as_list else new[0])
+    return True
 
 
 def stack(ctx: RuleContext) -> Any:
@@ -877,6 +1082,16 @@ def recurrent(ctx: RuleContext) -> Any:
     later = (m.num_layers - 1) * (m.hidden_size * (1 + m.bidirectional) + m.hidden_size)
     ctx.counts_flops("in*out", x, share=m.input_size / (m.input_size + m.hidden_size + later))
     return out
+
+
+def recurrent_surgery(m: nn.RNNBase, r: Removal) -> set[tuple[str, int]]:
+    """Input features of an RNN/GRU/LSTM: columns of the first layer's input weights, in both directions."""
+    names = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if (n, 1) in r]
+    for name in names:  # RNNBase.__setattr__ keeps its flat weight list in step
+        slice_tensor_attr(m, name, 1, r[(name, 1)])
+    if names:
+        m.input_size = m.weight_ih_l0.shape[1]
+    return {(n, 1) for n in names}
 
 
 def _contracted(ctx: RuleContext, a: ChannelLayout, b: ChannelLayout) -> None:
@@ -975,92 +1190,83 @@ _keeps_zero_methods = (
 )
 _loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_")
 
-RULES: dict[Any, OpRule] = {
-    **{cls: OpRule("elementwise", _identity) for cls in _keeps_zero_modules},
-    **{cls: OpRule("elementwise, f(0) != 0", unary(False)) for cls in _loses_zero_modules},
-    **{fn: OpRule("elementwise", _identity) for fn in _keeps_zero_functions},
-    **{fn: OpRule("elementwise, f(0) != 0", unary(False)) for fn in _loses_zero_functions},
-    **{fn: OpRule("elementwise, in place", _identity) for fn in _keeps_zero_functions_},
-    **{fn: OpRule("elementwise, in place, f(0) != 0", unary(False)) for fn in _loses_zero_functions_},
-    F.hardtanh_: OpRule("elementwise, in place", unary(_hardtanh_keeps_zero)),
-    torch.clamp_: OpRule("elementwise, in place", unary(_clamp_keeps_zero)),
-    **{Method(m): OpRule("elementwise", _identity) for m in _keeps_zero_methods},
-    **{Method(m): OpRule("elementwise, f(0) != 0", unary(False)) for m in _loses_zero_methods},
-    nn.Hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
-    F.hardtanh: OpRule("elementwise", unary(_hardtanh_keeps_zero)),
-    nn.Threshold: OpRule("elementwise", unary(_threshold_keeps_zero)),
-    torch.clamp: OpRule("elementwise", unary(_clamp_keeps_zero)),
-    Method("clamp"): OpRule("elementwise", unary(_clamp_keeps_zero)),
-    Method("clamp_"): OpRule("elementwise", unary(_clamp_keeps_zero)),
-    nn.PReLU: OpRule("elementwise, per-channel weight", prelu),
-    **{op: OpRule("add", binary("add")) for op in (operator.add, operator.iadd, torch.add, Method("add"),
-                                                    Method("add_"))},
-    **{op: OpRule("sub", binary("sub")) for op in (operator.sub, operator.isub, torch.sub, Method("sub"),
-                                                    Method("sub_"))},
-    **{op: OpRule("mul", binary("mul")) for op in (operator.mul, operator.imul, torch.mul, Method("mul"),
-                                                    Method("mul_"))},
-    **{op: OpRule("div", binary("div")) for op in (operator.truediv, torch.div, Method("div"), Method("div_"))},
-    **{cls: OpRule("conv", conv) for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
-    **{fn: OpRule("conv", conv) for fn in (F.conv1d, F.conv2d, F.conv3d)},
-    **{cls: OpRule("conv-transpose", conv_transpose) for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                                                  nn.ConvTranspose3d)},
-    nn.Linear: OpRule("linear", linear),
-    F.linear: OpRule("linear", linear),
-    **{cls: OpRule("batch-norm", batch_norm) for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                                                          nn.SyncBatchNorm, nn.InstanceNorm1d,
-                                                          nn.InstanceNorm2d, nn.InstanceNorm3d)},
-    F.batch_norm: OpRule("batch-norm", batch_norm),
-    F.instance_norm: OpRule("instance-norm", instance_norm),
-    nn.GroupNorm: OpRule("group-norm", group_norm),
-    F.group_norm: OpRule("group-norm", group_norm),
-    nn.LayerNorm: OpRule("layer-norm", layer_norm),
-    F.layer_norm: OpRule("layer-norm", layer_norm),
-    **{op: OpRule("softmax", softmax) for op in (nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax,
-                                                  torch.softmax, Method("softmax"), Method("log_softmax"))},
-    F.normalize: OpRule("normalize", normalize),
-    **{cls: OpRule("pool", spatial(1)) for cls in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-                                                    nn.AdaptiveMaxPool1d, nn.LPPool1d)},
-    **{cls: OpRule("pool", spatial(2)) for cls in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                                                    nn.AdaptiveMaxPool2d, nn.LPPool2d)},
-    **{cls: OpRule("pool", spatial(3)) for cls in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
-                                                    nn.AdaptiveMaxPool3d)},
-    **{fn: OpRule("pool", spatial(1)) for fn in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d,
-                                                  F.adaptive_max_pool1d)},
-    **{fn: OpRule("pool", spatial(2)) for fn in (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-                                                  F.adaptive_max_pool2d, F.lp_pool2d)},
-    **{fn: OpRule("pool", spatial(3)) for fn in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d,
-                                                  F.adaptive_max_pool3d)},
-    **{op: OpRule("interpolate", spatial(None)) for op in (F.interpolate, nn.Upsample, nn.UpsamplingNearest2d,
-                                                            nn.UpsamplingBilinear2d)},
-    **{cls: OpRule("spatial padding", spatial(1)) for cls in (nn.ZeroPad1d, nn.ConstantPad1d,
-                                                               nn.ReflectionPad1d, nn.ReplicationPad1d)},
-    **{cls: OpRule("spatial padding", spatial(2)) for cls in (nn.ZeroPad2d, nn.ConstantPad2d,
-                                                               nn.ReflectionPad2d, nn.ReplicationPad2d)},
-    **{cls: OpRule("spatial padding", spatial(3)) for cls in (nn.ZeroPad3d, nn.ConstantPad3d,
-                                                               nn.ReflectionPad3d, nn.ReplicationPad3d)},
-    F.pad: OpRule("pad", pad),
-    **{op: OpRule("reshape", reshape) for op in (torch.flatten, torch.reshape, nn.Flatten, nn.Unflatten,
-                                                  Method("view"), Method("reshape"), Method("flatten"),
-                                                  Method("unflatten"), Method("view_as"), Method("reshape_as"))},
-    **{op: OpRule("permute", permute) for op in (torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
-                                                  Method("permute"), Method("transpose"), Method("swapaxes"),
-                                                  Method("movedim"))},
-    **{op: OpRule("squeeze", squeeze_unsqueeze) for op in (torch.squeeze, torch.unsqueeze, Method("squeeze"),
-                                                            Method("unsqueeze"))},
-    **{op: OpRule("expand", expand) for op in (Method("expand"), Method("expand_as"))},
-    **{op: OpRule(f"reduce {name}", reduce(name)) for name in ("mean", "sum", "amax", "amin", "std", "var")
-       for op in (getattr(torch, name), Method(name))},
-    **{op: OpRule("cat", cat) for op in (torch.cat, torch.concat, torch.concatenate)},
-    **{op: OpRule("split", split) for op in (torch.split, torch.chunk, Method("split"), Method("chunk"))},
-    operator.getitem: OpRule("getitem", getitem),
-    **{op: OpRule("roll", roll) for op in (torch.roll, Method("roll"))},
-    torch.stack: OpRule("stack", stack),
-    **{op: OpRule("pixel shuffle", pixel_shuffle) for op in (nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle,
-                                                              F.pixel_unshuffle)},
-    **{cls: OpRule("recurrent", recurrent) for cls in (nn.RNN, nn.GRU, nn.LSTM)},
-    **{op: OpRule("matmul", matmul) for op in (torch.matmul, operator.matmul, torch.bmm, Method("matmul"),
-                                                Method("bmm"))},
-    **{op: OpRule("channel shuffle", channel_shuffle) for op in (nn.ChannelShuffle, F.channel_shuffle,
-                                                                  torch.channel_shuffle)},
-    **{op: OpRule("shape query", shape_query) for op in (Method("size"), Method("dim"), Method("numel"), getattr)},
-}
+OPS = OpTable([
+    # elementwise
+    Op(_keeps_zero_modules + _keeps_zero_functions, "elementwise", _identity),
+    Op(_loses_zero_modules + _loses_zero_functions, "elementwise, f(0) != 0", unary(False)),
+    Op(_keeps_zero_functions_, "elementwise, in place", _identity),
+    Op(_loses_zero_functions_, "elementwise, in place, f(0) != 0", unary(False)),
+    Op((F.hardtanh_,), "elementwise, in place", unary(_hardtanh_keeps_zero)),
+    Op((torch.clamp_,), "elementwise, in place", unary(_clamp_keeps_zero)),
+    Op(tuple(Method(m) for m in _keeps_zero_methods), "elementwise", _identity),
+    Op(tuple(Method(m) for m in _loses_zero_methods), "elementwise, f(0) != 0", unary(False)),
+    Op((nn.Hardtanh, F.hardtanh), "elementwise", unary(_hardtanh_keeps_zero)),
+    Op((nn.Threshold,), "elementwise", unary(_threshold_keeps_zero)),
+    Op((torch.clamp, Method("clamp"), Method("clamp_")), "elementwise", unary(_clamp_keeps_zero)),
+    Op((nn.PReLU,), "elementwise, per-channel weight", prelu, surgery=_out_only(tp.prune_prelu_out_channels, ("weight",)),
+       saved_attrs=("num_parameters",)),
+    Op((operator.add, operator.iadd, torch.add, Method("add"), Method("add_")), "add", binary("add")),
+    Op((operator.sub, operator.isub, torch.sub, Method("sub"), Method("sub_")), "sub", binary("sub")),
+    Op((operator.mul, operator.imul, torch.mul, Method("mul"), Method("mul_")), "mul", binary("mul")),
+    Op((operator.truediv, torch.div, Method("div"), Method("div_")), "div", binary("div")),
+    # layers with weights
+    Op((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv", conv, surgery=conv_surgery, output_shape=conv_output_shape,
+       saved_attrs=_CONV_ATTRS),
+    Op((F.conv1d, F.conv2d, F.conv3d), "conv", conv, patch=_patch_groups),
+    Op((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv-transpose", conv_transpose,
+       surgery=conv_surgery, saved_attrs=_CONV_ATTRS),
+    Op((nn.Linear,), "linear", linear, surgery=linear_surgery, output_shape=linear_output_shape,
+       saved_attrs=("in_features", "out_features")),
+    Op((F.linear,), "linear", linear),
+    # normalisation
+    *(Op((cls,), "batch-norm", batch_norm, surgery=_batch_norm_surgery, output_shape=batch_norm_output_shape(*ranks),
+         saved_attrs=("num_features",))
+      for cls, ranks in ((nn.BatchNorm1d, (2, 3)), (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,)))),
+    Op((nn.SyncBatchNorm,), "batch-norm", batch_norm, surgery=_batch_norm_surgery, saved_attrs=("num_features",)),
+    Op((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), "batch-norm", batch_norm,
+       surgery=instance_norm_surgery, saved_attrs=("num_features",)),
+    Op((F.batch_norm,), "batch-norm", batch_norm),
+    Op((F.instance_norm,), "instance-norm", instance_norm),
+    Op((nn.GroupNorm,), "group-norm", group_norm, surgery=group_norm_surgery, saved_attrs=("num_channels", "num_groups")),
+    Op((F.group_norm,), "group-norm", group_norm, patch=_patch_num_groups),
+    Op((nn.LayerNorm, F.layer_norm), "layer-norm", layer_norm),
+    Op((nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, Method("softmax"), Method("log_softmax")),
+       "softmax", softmax),
+    Op((F.normalize,), "normalize", normalize),
+    # spatial
+    Op((nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d, F.max_pool1d, F.avg_pool1d,
+        F.adaptive_avg_pool1d, F.adaptive_max_pool1d), "pool", spatial(1)),
+    Op((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, F.max_pool2d, F.avg_pool2d,
+        F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d), "pool", spatial(2)),
+    Op((nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, F.max_pool3d, F.avg_pool3d,
+        F.adaptive_avg_pool3d, F.adaptive_max_pool3d), "pool", spatial(3)),
+    Op((F.interpolate, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d), "interpolate", spatial(None)),
+    Op((nn.ZeroPad1d, nn.ConstantPad1d, nn.ReflectionPad1d, nn.ReplicationPad1d), "spatial padding", spatial(1)),
+    Op((nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d), "spatial padding", spatial(2)),
+    Op((nn.ZeroPad3d, nn.ConstantPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d), "spatial padding", spatial(3)),
+    Op((F.pad,), "pad", pad),
+    # shape
+    Op((torch.reshape, Method("view"), Method("reshape")), "reshape", reshape, patch=_patch_shape),
+    Op((torch.flatten, nn.Flatten, nn.Unflatten, Method("flatten"), Method("unflatten"), Method("view_as"),
+        Method("reshape_as")), "reshape", reshape),
+    Op((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, Method("permute"), Method("transpose"),
+        Method("swapaxes"), Method("movedim")), "permute", permute),
+    Op((torch.squeeze, torch.unsqueeze, Method("squeeze"), Method("unsqueeze")), "squeeze", squeeze_unsqueeze),
+    Op((Method("expand"), Method("expand_as")), "expand", expand),
+    *(Op((getattr(torch, name), Method(name)), f"reduce {name}", reduce(name))
+      for name in ("mean", "sum", "amax", "amin", "std", "var")),
+    Op((torch.cat, torch.concat, torch.concatenate), "cat", cat),
+    Op((torch.split, Method("split")), "split", split, patch=_patch_split),
+    Op((torch.chunk, Method("chunk")), "split", split),
+    Op((operator.getitem,), "getitem", getitem, patch=_patch_slice),
+    Op((torch.roll, Method("roll")), "roll", roll, patch=_patch_roll),
+    Op((torch.stack,), "stack", stack),
+    Op((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle), "pixel shuffle", pixel_shuffle),
+    Op((nn.ChannelShuffle, torch.channel_shuffle), "channel shuffle", channel_shuffle),
+    Op((Method("size"), Method("dim"), Method("numel"), getattr), "shape query", shape_query),
+    # sequences and products
+    Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery, saved_attrs=("input_size",)),
+    Op((torch.matmul, operator.matmul, torch.bmm, Method("matmul"), Method("bmm")), "matmul", matmul),
+    # no rule (their channels are pinned), but a saved graph may call them
+    Op((torch.einsum, F.scaled_dot_product_attention, operator.floordiv, operator.pow, operator.mod), "saved only"),
+])

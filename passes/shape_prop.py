@@ -2,10 +2,11 @@
 
 The analysis needs each node's shape, dtype, strides and memory format, never its values. Convolutions,
 linear and batch-norm layers are most of a CNN's forward time, and their output metadata follows from
-the input's and the layer's hyper-parameters alone: `ShapeProp(shape_only=True)` hands them a zero
-tensor of that shape instead of computing it (only for the plain torch classes, in eval mode, on
-row-major inputs, without autograd or hooks, where that metadata is certain). Values downstream are then
-not the model's: a graph that fails on them is rerun by the caller with `shape_only=False`.
+the input's and the layer's hyper-parameters alone (the shape shortcut of the layer's entry in the op
+table): `ShapeProp(shape_only=True)` hands them a zero tensor of that shape instead of computing it
+(only for the plain torch classes, in eval mode, on row-major inputs, without autograd or hooks, where
+that metadata is certain). Values downstream are then not the model's: a graph that fails on them is
+rerun by the caller with `shape_only=False`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules import module as _module_hooks
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+from . import op_rules
 
 
 class NodeFailed(Exception):
@@ -46,35 +46,13 @@ def tensor_meta(t: torch.Tensor) -> TensorMetadata:
     return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), _memory_format(t), False, {})
 
 
-def _conv_sizes(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> list[int] | None:
-    if m.padding_mode != "zeros" or x.dim() != m.weight.dim() or x.shape[1] != m.in_channels:
-        return None
-    spatial = x.shape[2:]
-    if m.padding == "same":
-        return list(spatial)
-    padding = (0,) * len(spatial) if m.padding == "valid" else m.padding
-    sizes = [
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, p, d, k, s in zip(spatial, padding, m.dilation, m.kernel_size, m.stride, strict=True)
-    ]
-    return sizes if min(sizes) > 0 else None
-
-
 def _output_shape(m: nn.Module, args: tuple, kwargs: dict) -> list[int] | None:
-    """The output shape of a plain conv, linear or eval-mode batch-norm layer on `args`, or None where only
-    running it can tell."""
+    """The output shape of a layer whose op-table entry has a shape shortcut (plain conv, linear, eval-mode
+    batch norm) on `args`, or None where only running it can tell."""
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
-    x = args[0]
-    if type(m) in _CONVS:
-        sizes = _conv_sizes(m, x)  # type: ignore[arg-type]
-        return None if sizes is None else [x.shape[0], m.out_channels, *sizes]
-    if type(m) is nn.Linear and x.dim() >= 1 and x.shape[-1] == m.in_features:
-        return [*x.shape[:-1], m.out_features]
-    dims = _BATCH_NORM_DIMS.get(type(m))
-    if dims and not m.training and x.dim() in dims and x.shape[1] == m.num_features and m.weight is not None:
-        return list(x.shape)
-    return None
+    shortcut = op_rules.OPS.shape_shortcut(type(m))
+    return None if shortcut is None else shortcut(m, args[0])
 
 
 def _row_major(t: torch.Tensor) -> bool:

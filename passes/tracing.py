@@ -267,6 +267,8 @@ class _ShapeTracer(_PathTracer):
         if node is self._mode_node:
             self.values[node] = False
             return
+        if node.op == "output":  # the graph's result: no value of its own
+            return
         try:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.values.__getitem__)
         except KeyError:
@@ -310,9 +312,7 @@ class _ShapeTracer(_PathTracer):
                     return module(*args, **kwargs)
                 if node.op == "call_method":
                     return getattr(args[0], node.target)(*args[1:], **kwargs)
-                if node.op == "call_function":
-                    return node.target(*args, **kwargs)
-                raise ValueError(node.op)
+                return node.target(*args, **kwargs)  # call_function: `_evaluate` leaves out the output node
         finally:
             self._evaluating = False
             for m, mode in modes:

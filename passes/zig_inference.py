@@ -15,7 +15,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .channel_layout import layouts_in
-from .dependency import ChannelFacts, ParamSlice
+from .rule_context import ChannelFacts, ParamSlice
 
 
 @dataclass
@@ -143,78 +143,87 @@ def _rows_per_space(row_spaces: list[np.ndarray], n_space: int) -> list[list[int
     return [ordered[bounds[i]:bounds[i + 1]] for i in range(n_space)]
 
 
-def infer_zigs(facts: ChannelFacts) -> ZIGSet:
-    """Group elements into ZIGs and ZIGs into channel spaces."""
-    n = facts.n_elements
+def _components(facts: ChannelFacts) -> tuple[int, np.ndarray, np.ndarray]:
+    """ZIGs as connected components of the unions: their count, each element's ZIG, and each ZIG's first pin
+    (an index into `facts.pins`, -1 where none)."""
     a, b = facts.union_pairs()
     shared_a, shared_b = _shared_slice_pairs(facts)
     a, b = np.concatenate([a, *shared_a]), np.concatenate([b, *shared_b])
+    n = facts.n_elements
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     n_comp, labels = connected_components(graph, directed=False)
     labels = labels.astype(np.int64)
-
     pin_reason = np.full(n_comp, -1, dtype=np.int64)
     if facts.pins:
         pin_ids = np.concatenate([p.ids for p in facts.pins])
         pin_idx = np.concatenate([np.full(len(p.ids), i) for i, p in enumerate(facts.pins)])
         pin_reason[labels[pin_ids[::-1]]] = pin_idx[::-1]  # last write wins -> first pin's reason
+    return n_comp, labels, pin_reason
 
-    distinct = _Distinct(labels, n_comp)
-    node_names: list[str] = []
-    node_lays: list[list[np.ndarray]] = []
-    for name, lay in facts.layouts.items():
-        lays = layouts_in(lay)
-        if lays:
-            node_names.append(name)
-            node_lays.append([x.ids for x in lays])
-    node_comps = [distinct.of_all(ids) for ids in node_lays]
-    pairs_node = np.repeat(np.arange(len(node_comps)), [len(c) for c in node_comps])
-    pairs_comp = np.concatenate(node_comps)
-    sig = _signature_hash(pairs_comp, pairs_node, n_comp, len(node_names))
 
-    pinned = pin_reason >= 0
-    sig ^= pinned.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    # number spaces in order of their first ZIG (topological order of the graph)
+def _number_spaces(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """ZIGs with one signature form one space, numbered in order of their first ZIG (topological order of the
+    graph): each ZIG's space, its position in the space, and each space's ZIGs."""
     _, first, space_of_comp = np.unique(sig, return_index=True, return_inverse=True)
     space_of_comp = space_of_comp.ravel()
     rank = np.empty_like(first)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
     comp_space = rank[space_of_comp]
-    n_space = len(first)
     order = np.argsort(comp_space, kind="stable")
-    bounds = np.searchsorted(comp_space[order], np.arange(n_space + 1))
-    comp_pos = np.empty(n_comp, dtype=np.int64)
-    comp_pos[order] = np.arange(n_comp) - bounds[comp_space[order]]
-    members = [order[bounds[i]:bounds[i + 1]] for i in range(n_space)]
+    bounds = np.searchsorted(comp_space[order], np.arange(len(first) + 1))
+    comp_pos = np.empty(len(sig), dtype=np.int64)
+    comp_pos[order] = np.arange(len(sig)) - bounds[comp_space[order]]
+    return comp_space, comp_pos, [order[bounds[i]:bounds[i + 1]] for i in range(len(first))]
+
+
+def _roles(facts: ChannelFacts, spaces_of_slice: list[np.ndarray], n_space: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Per space, the modules whose "out" slices hold it (producers) and those reading it otherwise."""
+    producers: list[list[str]] = []
+    consumers: list[list[str]] = []
+    for rows in _rows_per_space(spaces_of_slice, n_space):
+        producers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role == "out")))
+        consumers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role != "out")))
+    return producers, consumers
+
+
+def infer_zigs(facts: ChannelFacts) -> ZIGSet:
+    """Group elements into ZIGs and ZIGs into channel spaces."""
+    n_comp, labels, pin_reason = _components(facts)
+    distinct = _Distinct(labels, n_comp)
+    node_names: list[str] = []
+    node_comps: list[np.ndarray] = []
+    for name, lay in facts.layouts.items():
+        lays = layouts_in(lay)
+        if lays:
+            node_names.append(name)
+            node_comps.append(distinct.of_all([x.ids for x in lays]))
+    pairs_node = np.repeat(np.arange(len(node_comps)), [len(c) for c in node_comps])
+    sig = _signature_hash(np.concatenate(node_comps), pairs_node, n_comp, len(node_names))
+    pinned = pin_reason >= 0
+    sig ^= pinned.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    comp_space, comp_pos, members = _number_spaces(sig)
+    n_space = len(members)
     space_reason = np.full(n_space, len(facts.pins), dtype=np.int64)  # first pin of any of its ZIGs; none: len
     np.minimum.at(space_reason, comp_space[pinned], pin_reason[pinned])
 
     space_of = _Distinct(comp_space, n_space)  # spaces of an array of ZIG ids
     node_spaces = [space_of(comps) for comps in node_comps]
     nodes_of_space = [[node_names[r] for r in rows] for rows in _rows_per_space(node_spaces, n_space)]
-    producers: list[list[str]] = []
-    consumers: list[list[str]] = []
-    for rows in _rows_per_space([space_of(distinct(x.ids)) for x in facts.slices], n_space):
-        producers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role == "out")))
-        consumers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role != "out")))
-
+    producers, consumers = _roles(facts, [space_of(distinct(x.ids)) for x in facts.slices], n_space)
     spaces = []
     for i, (comps, reason_idx) in enumerate(zip(members, space_reason.tolist(), strict=True)):
         is_pinned = reason_idx < len(facts.pins)
-        name = producers[i][0] if producers[i] else nodes_of_space[i][0]
-        spaces.append(
-            ChannelSpace(
-                index=i,
-                name=name,
-                width=len(comps),
-                pinned=is_pinned,
-                reason=facts.pins[reason_idx].reason + f" (at {facts.pins[reason_idx].node})" if is_pinned else None,
-                producers=producers[i],
-                consumers=[c for c in consumers[i] if c not in producers[i]],
-                nodes=nodes_of_space[i],
-                components=comps,
-            )
-        )
+        spaces.append(ChannelSpace(
+            index=i,
+            name=producers[i][0] if producers[i] else nodes_of_space[i][0],
+            width=len(comps),
+            pinned=is_pinned,
+            reason=facts.pins[reason_idx].reason + f" (at {facts.pins[reason_idx].node})" if is_pinned else None,
+            producers=producers[i],
+            consumers=[c for c in consumers[i] if c not in producers[i]],
+            nodes=nodes_of_space[i],
+            components=comps,
+        ))
     _dedupe_names(spaces)
     return ZIGSet(spaces, labels, comp_space, comp_pos, facts.slices, facts)
 

@@ -21,8 +21,8 @@ from atofx.ato.batches import check_targets, checked_forward, hits, loader_lengt
 from atofx.ato.controller import controller_subset
 from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.trainer import ATOTrainer
-from atofx.core.modes import evaluating
 from atofx.errors import AtofxError, DataError
+from atofx.passes.values import evaluating
 
 
 def loader_generators(loader: Any) -> list[torch.Generator]:

@@ -35,9 +35,9 @@ from atofx.ato.controller import Controller, Masks, gated_spaces
 from atofx.ato.flops_regularizer import controller_loss
 from atofx.ato.projection import ZIGParams
 from atofx.core.mask import Mask, keep_at_least, rounded_count
-from atofx.core.modes import evaluating
 from atofx.errors import NoPrunableSpaceError
 from atofx.passes.instrument import instrument
+from atofx.passes.values import evaluating
 
 if TYPE_CHECKING:
     from atofx.core.analysis import Analysis

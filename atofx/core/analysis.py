@@ -17,7 +17,6 @@ import torch.fx as fx
 from torch import nn
 
 from atofx.core.mask import Mask
-from atofx.core.modes import evaluating
 from atofx.core.nested import as_tuple, describe, map_tensors
 from atofx.core.pruning import pruned, zero_dropped
 from atofx.errors import AtofxError, ConfigError, ShapeError
@@ -25,6 +24,7 @@ from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.flops import FlopsModel, FlopsProp
 from atofx.passes.shape_prop import NodeFailed, ShapeProp
 from atofx.passes.tracing import LeafSpec, trace_graph
+from atofx.passes.values import evaluating
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
 
 A = TypeVar("A", bound="Analysis")

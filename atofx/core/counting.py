@@ -7,8 +7,8 @@ from typing import Any
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from atofx.core.modes import evaluating
 from atofx.core.nested import as_tuple
+from atofx.passes.values import evaluating
 
 
 def count_flops(model: nn.Module, example_inputs: Any) -> int:

@@ -4,15 +4,14 @@ A file is a plain `torch.save` dict of tensors, numbers and strings, read back w
 `torch.load(..., weights_only=True)`. It holds the state dict, the channel attributes of
 every layer (so a fresh instance of the user's own model can be shrunk to fit it), and,
 when the model traces, its torch.fx graph in a data form whose ops and layer classes are
-resolved only from an allow-list (torch.nn layers, the functions of the op rule table and a
-few more), so `atofx.load(path)` rebuilds a runnable module with no source at all.
+resolved only from an allow-list (torch.nn layers and the functions of the op table `OPS`),
+so `atofx.load(path)` rebuilds a runnable module with no source at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import operator
 import weakref
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,12 @@ from torch import nn
 from atofx.core.files import atomic_save, safe_load
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
-from atofx.passes.op_rules import RULES
+from atofx.passes.op_rules import OPS
 from atofx.passes.tracing import trace
 
 FORMAT = "atofx.pruned"
 VERSION = 2  # 2: a "checksum" of the tensors; version-1 files (none) load unchecked
-_CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "num_channels", "num_groups",
-                  "in_features", "out_features", "num_parameters")
-_EXTRA_FUNCTIONS = (
-    torch.matmul, torch.bmm, torch.einsum, torch.stack, torch.roll, torch.nn.functional.scaled_dot_product_attention,
-    operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv, operator.getitem, operator.neg,
-    operator.pow, operator.mod,
-)
+_CHANNEL_ATTRS = OPS.saved_attrs()  # the width attributes the op table's layer entries declare
 _PLAIN = (int, float, bool, str, type(None))
 
 # example inputs of modules returned by ATOModel.prune, so save() can check its graph
@@ -43,12 +36,13 @@ example_inputs_of: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKey
 
 
 def _qualname(fn: Any) -> str:
-    return f"{fn.__module__}.{fn.__qualname__}" if getattr(fn, "__module__", None) else fn.__qualname__
+    # torch's boolean_dispatch wrappers (F.max_pool2d, F.adaptive_max_pool1d, ...) share one __qualname__
+    name = fn.__name__ if "<locals>" in fn.__qualname__ else fn.__qualname__
+    return f"{fn.__module__}.{name}" if getattr(fn, "__module__", None) else name
 
 
 def _allowed_functions() -> dict[str, Any]:
-    fns = [k for k in RULES if callable(k) and not isinstance(k, type)] + list(_EXTRA_FUNCTIONS)
-    return {_qualname(f): f for f in fns if hasattr(f, "__qualname__")}
+    return {_qualname(f): f for f in OPS.functions() if hasattr(f, "__qualname__")}
 
 
 _NN_INTERNALS = set(vars(nn.Module())) - {"training"}

@@ -6,11 +6,11 @@ import collections
 
 import pytest
 import torch
+from atofx.passes.values import evaluating
 from torch import nn
 
 import atofx
 from atofx.core.files import atomic_save, safe_load
-from atofx.core.modes import evaluating
 from atofx.core.nested import describe, leaves, map_tensors
 
 Pair = collections.namedtuple("Pair", "a b")

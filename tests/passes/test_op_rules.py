@@ -1,7 +1,7 @@
-"""passes/op_rules.py: every entry of `RULES` runs on a small model, with checked expectations.
+"""passes/op_rules.py: every rule of the op table `OPS` runs on a small model, with checked expectations.
 
 Each case names the table keys it exercises (`cover(...)`); the case asserts those keys really are
-in its traced graph, and `test_every_rule_has_a_case` fails when a key of `RULES` has no case.
+in its traced graph, and `test_every_rule_has_a_case` fails when a target with a rule has no case.
 Most models are `conv1 -> op -> conv2`: `conv1`'s channel space is the one under test, `conv2` is
 its consumer. Every model is checked against invariant 1 (`assert_zero_invariant`).
 """
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from atofx.passes.channel_layout import ChannelLayout
 from atofx.passes.dependency import ChannelDependencyPass
-from atofx.passes.op_rules import RULES, Method
+from atofx.passes.op_rules import OPS
+from atofx.passes.registry import Method
 from atofx.passes.tracing import trace
 from atofx.passes.zig_inference import ChannelSpace, infer_zigs
 from torch import nn
@@ -30,6 +31,7 @@ from atofx.ato.model import ATOModel
 from tests.checks import assert_zero_invariant
 
 COVERED: set = set()
+RULES = OPS.rules  # every target with a propagation rule -> its entry
 NOT_ZERO = "not zero when its group is zeroed"  # the pin reason of a consumer behind a non-zero-preserving op
 SHAPES = {1: (2, 4, 8), 2: (2, 4, 6, 6), 3: (1, 4, 4, 4, 4)}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -45,7 +47,7 @@ def cover(*keys: Any) -> tuple:
 
 
 def rule_key(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
-    """The key of `RULES` that `lookup_rule` uses for `node`, or None."""
+    """The key of `RULES` that `OPS.for_node` uses for `node`, or None."""
     if node.op == "call_module":
         cls = type(modules[str(node.target)])
         return next((c for c in cls.__mro__ if c in RULES and (c is cls or cls.forward is c.forward)), None)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchvision
 from atofx.passes import op_rules
 from atofx.passes.equivalence import relative_difference, run_eval
+from atofx.passes.registry import Op
 from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
@@ -147,7 +148,7 @@ def test_a_wrong_rule_is_caught_by_the_equivalence_check(monkeypatch):
             return self.b(torch.flip(self.a(x), dims=[1]))
 
     # pretend a flip of the channels were elementwise: a wrong prune the check must refuse
-    monkeypatch.setitem(op_rules.RULES, torch.flip, op_rules.OpRule("elementwise", op_rules.unary(True)))
+    monkeypatch.setattr(op_rules, "OPS", op_rules.OPS.with_entries(Op((torch.flip,), "elementwise", op_rules.unary(True))))
     ato = atofx.compile(Flip().eval(), (torch.randn(1, 3, 4, 4),))
     with pytest.raises(atofx.EquivalenceError, match="first at flip"):
         ato.prune(ato.random_mask(keep=0.5, seed=0))

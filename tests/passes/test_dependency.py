@@ -1,0 +1,117 @@
+"""passes/dependency.py: the engine couples, offsets and pins channels as the op rules report them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from atofx.passes.channel_layout import ChannelLayout
+from atofx.passes.dependency import tensor_aliases
+from atofx.passes.op_rules import OPS
+from atofx.passes.registry import Op
+from torch import nn
+
+from tests.passes.analysis import analyse, rows, space_of
+
+
+def example(channels: int = 3) -> torch.Tensor:
+    return torch.randn(2, channels, 5, 5, generator=torch.Generator().manual_seed(0))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.a(x) + self.b(x))
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+class Flip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flip(self.a(x), dims=[1]))
+
+
+def test_a_residual_add_couples_the_two_branches_channel_by_channel() -> None:
+    _, zigs = analyse(Residual(), example())
+    space = space_of(zigs, "a")
+    assert set(space.producers) == {"a", "b"} and space.width == 6 and not space.pinned
+    assert rows(zigs, space, "a", 0) == rows(zigs, space, "b", 0) == [[c] for c in range(6)]
+    assert rows(zigs, space, "head", 1) == [[c] for c in range(6)]
+
+
+def test_a_concat_offsets_the_second_input_by_the_width_of_the_first() -> None:
+    _, zigs = analyse(Concat(), example())
+    a, b = space_of(zigs, "a"), space_of(zigs, "b")
+    assert a.index != b.index and (a.width, b.width) == (4, 6) and not a.pinned and not b.pinned
+    assert rows(zigs, a, "head", 1) == [[c] for c in range(4)]
+    assert rows(zigs, b, "head", 1) == [[4 + c] for c in range(6)]
+    layouts = zigs.facts.layouts
+    cat = next(v for k, v in layouts.items() if k.startswith("cat"))
+    assert isinstance(cat, ChannelLayout) and cat.dim == 1
+    assert np.array_equal(cat.ids, np.concatenate([layouts["a"].ids, layouts["b"].ids]))
+
+
+def test_an_op_without_a_rule_pins_the_channels_it_touches() -> None:
+    _, zigs = analyse(Flip(), example())
+    assert list(zigs.facts.unknown_ops.values()) == ["function torch.flip"]
+    space = space_of(zigs, "a")
+    assert space.pinned and "unknown op: function torch.flip" in space.reason
+
+
+def test_a_rule_whose_answer_does_not_fit_the_shapes_is_refused() -> None:
+    def too_narrow(ctx):  # claims the flip returns 3 channels; shape propagation saw 4
+        lay = ctx.layout(ctx.arg(0, "input"))
+        return lay.sliced(slice(0, 3))
+
+    _, zigs = analyse(Flip(), example(), OPS.with_entries(Op((torch.flip,), "too narrow", too_narrow)))
+    (reason,) = zigs.facts.unknown_ops.values()
+    assert reason.startswith("rule 'too narrow' could not follow the channels of function torch.flip")
+    assert space_of(zigs, "a").pinned
+
+
+def test_model_inputs_and_outputs_are_pinned() -> None:
+    _, zigs = analyse(Residual(), example())
+    out = space_of(zigs, "head")
+    assert out.pinned and "model output" in out.reason
+    (x,) = [s for s in zigs.spaces if not s.producers]
+    assert x.pinned and "model input" in x.reason and set(x.consumers) == {"a", "b"}
+
+
+def test_the_channel_graph_links_each_op_to_the_ops_it_feeds() -> None:
+    _, zigs = analyse(Residual(), example())
+    graph = zigs.facts.graph
+    add = next(n for n in zigs.facts.layouts if n.startswith("add"))
+    assert graph.has_edge(("a", 1), (add, 1)) and graph.has_edge(("b", 1), (add, 1))
+    assert graph.has_edge((add, 1), ("head", 1)) and not graph.has_edge(("a", 1), ("head", 1))
+    assert graph.nodes[(add, 1)]["width"] == 6
+
+
+def test_a_tensor_shared_by_two_layers_has_one_name() -> None:
+    model = Residual()
+    model.b.bias = model.a.bias
+    assert tensor_aliases(model) == {"b.bias": "a.bias"}
+    _, zigs = analyse(model, example())
+    assert zigs.facts.tensor_name("b", "bias") == "a.bias" and zigs.facts.tensor_name("b", "weight") == "b.weight"
+
+
+@pytest.mark.parametrize("model", [Residual, Concat])
+def test_every_slice_names_a_real_parameter_dim_of_the_right_width(model: type) -> None:
+    net = model()
+    _, zigs = analyse(net, example())
+    params = dict(net.named_parameters())
+    for s in zigs.slices:
+        assert params[f"{s.module}.{s.name}"].shape[s.dim] == len(s.ids), s
