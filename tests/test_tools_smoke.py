@@ -170,6 +170,27 @@ def test_accuracy_benchmark_passes_ato_options_and_runs_only_the_methods_asked_f
     assert bench_accuracy._option("lam_boost=100") == ("lam_boost", 100)
 
 
+def test_accuracy_benchmark_resumes_from_its_stored_runs(tmp_path, monkeypatch):
+    """Each finished run is on disk at once; a rerun trains only what is missing (here: one damaged file)."""
+    proto = bench_accuracy.Protocol("digits", "resnet20", 2, 64, None, 0, 0.5)
+    store = bench_accuracy.RunStore(tmp_path / "runs", "code-a")
+    first = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    files = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(files) == 2 and {r["method"] for r in first} == {"ato", "tp_l1"}
+
+    trained = []
+    original = bench_accuracy.run_task
+    monkeypatch.setattr(bench_accuracy, "run_task", lambda task: trained.append(task["method"]) or original(task))
+    again = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    assert trained == [] and sorted(r["accuracy"] for r in again) == sorted(r["accuracy"] for r in first)
+    assert all(r["stored"] for r in again)
+
+    next(f for f in files if f.name.startswith("tp_l1")).write_text("{ cut short")
+    bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    assert trained == ["half", "tp_l1"]  # the shared first half again, for the one run it unlocks
+    assert bench_accuracy.RunStore(tmp_path / "runs", "code-b").get({**first[0], "target": 0.5}) is None
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_accuracy_benchmark_trains_on_the_real_fashion_mnist():
     """CI installs Debian's dataset-fashion-mnist: one short run of ATO on a subset of the real files."""
