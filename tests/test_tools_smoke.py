@@ -31,6 +31,7 @@ bench_latency = _load("bench_latency")
 bench_accuracy = _load("bench_accuracy")
 bench_overhead = _load("bench_overhead")
 bench_plots = _load("bench_plots")
+bench_ablation = _load("bench_ablation")
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,21 @@ def test_accuracy_benchmark_resumes_from_its_stored_runs(tmp_path, monkeypatch):
     bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
     assert trained == ["half", "tp_l1"]  # the shared first half again, for the one run it unlocks
     assert bench_accuracy.RunStore(tmp_path / "runs", "code-b").get({**first[0], "target": 0.5}) is None
+
+
+def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defaults(tmp_path, monkeypatch):
+    from tests.test_datasets import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path, train=120, test=48)
+    seen = []
+    original = atofx.ATOModel.train
+    monkeypatch.setattr(atofx.ATOModel, "train", lambda self, *a, **kw: seen.append(kw) or original(self, *a, **kw))
+    rows = bench_ablation.run(["defaults", "hsp"], 1, 1, None, SMALL_FASHION, data_dir=str(tmp_path))
+    assert [r["variant"] for r in rows] == ["defaults", "static", "hsp"]
+    assert [kw.get("projection") for kw in seen] == [None, None, "hsp"] and seen[1]["method"] == "static"
+    for r in rows:
+        assert 0.0 < r["flops_kept_mean"] <= 0.51 and r["revived_max_mean"] >= 0 and len(r["runs"]) == 1
+    assert "static" in bench_ablation.table(rows)
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
