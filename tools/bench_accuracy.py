@@ -30,9 +30,14 @@ Protocols (`--dataset`):
   2026-11-29 (seed 0, the full test set): ResNet-14, 10 x 15,000 images: 90.68%; ResNet-8, 10 x 25,000:
   90.52%; both ~6 min of a quiet core. ResNet-14 has twice the prunable spaces (6 block-internal, 3
   streams), so it is the benchmark model; 10 epochs give ATO's controller a 4-epoch window. First timing
-  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s; each run 512-631 s, since two
-  runs at once share the machine's two hyper-threads. Whether --quick fits 20 minutes and the full table 2
-  hours on a quiet machine is still to be measured; if not, the training subset is what to shrink.
+  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s. On the quiet machine
+  (2026-11-30, --jobs 2, only low-priority work beside it) one ATO or static run takes 694-697 s: two runs at
+  once share the two hyper-threads and each goes at about half speed (a dense run alone took ~6 min), so
+  --jobs 2 gains little over one job (a profile of one run: backward 57%, forward 32%, reading and
+  augmenting images 11%). At that rate --quick (5.5 trainings' worth) takes ~32 minutes and the full table
+  (27) ~2.6 hours: both over their budgets by about 1.6x. Not yet re-chosen: fitting means about 0.6x the
+  image-epochs, and the measured points say that costs dense accuracy (ResNet-20: 8 x 20,000 images 90.0%,
+  4 x 12,000 85.9%; ResNet-14 at 10 x 15,000 is 90.2-90.7%), so a smaller protocol needs its own calibration.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
