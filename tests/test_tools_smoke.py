@@ -31,6 +31,7 @@ bench_latency = _load("bench_latency")
 bench_accuracy = _load("bench_accuracy")
 bench_overhead = _load("bench_overhead")
 bench_plots = _load("bench_plots")
+bench_ablation = _load("bench_ablation")
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,42 @@ def test_accuracy_benchmark_passes_ato_options_and_runs_only_the_methods_asked_f
     assert set(bench_accuracy.figures(bench_accuracy.summarize(runs, (0.5,)), (0.5,))) == {"ato_meets_flops_at_0.50"}
     assert bench_accuracy._option("projection=hsp") == ("projection", "hsp")
     assert bench_accuracy._option("lam_boost=100") == ("lam_boost", 100)
+
+
+def test_accuracy_benchmark_resumes_from_its_stored_runs(tmp_path, monkeypatch):
+    """Each finished run is on disk at once; a rerun trains only what is missing (here: one damaged file)."""
+    proto = bench_accuracy.Protocol("digits", "resnet20", 2, 64, None, 0, 0.5)
+    store = bench_accuracy.RunStore(tmp_path / "runs", "code-a")
+    first = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    files = sorted((tmp_path / "runs").glob("*.json"))
+    assert len(files) == 2 and {r["method"] for r in first} == {"ato", "tp_l1"}
+
+    trained = []
+    original = bench_accuracy.run_task
+    monkeypatch.setattr(bench_accuracy, "run_task", lambda task: trained.append(task["method"]) or original(task))
+    again = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    assert trained == [] and sorted(r["accuracy"] for r in again) == sorted(r["accuracy"] for r in first)
+    assert all(r["stored"] for r in again)
+
+    next(f for f in files if f.name.startswith("tp_l1")).write_text("{ cut short")
+    bench_accuracy.run_all([0], (0.5,), proto, methods=("ato", "tp_l1"), store=store)
+    assert trained == ["half", "tp_l1"]  # the shared first half again, for the one run it unlocks
+    assert bench_accuracy.RunStore(tmp_path / "runs", "code-b").get({**first[0], "target": 0.5}) is None
+
+
+def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defaults(tmp_path, monkeypatch):
+    from tests.test_datasets import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path, train=120, test=48)
+    seen = []
+    original = atofx.ATOModel.train
+    monkeypatch.setattr(atofx.ATOModel, "train", lambda self, *a, **kw: seen.append(kw) or original(self, *a, **kw))
+    rows = bench_ablation.run(["defaults", "hsp"], 1, 1, None, SMALL_FASHION, data_dir=str(tmp_path))
+    assert [r["variant"] for r in rows] == ["defaults", "static", "hsp"]
+    assert [kw.get("projection") for kw in seen] == [None, None, "hsp"] and seen[1]["method"] == "static"
+    for r in rows:
+        assert 0.0 < r["flops_kept_mean"] <= 0.51 and r["revived_max_mean"] >= 0 and len(r["runs"]) == 1
+    assert "static" in bench_ablation.table(rows)
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")

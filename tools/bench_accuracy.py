@@ -30,9 +30,14 @@ Protocols (`--dataset`):
   2026-11-29 (seed 0, the full test set): ResNet-14, 10 x 15,000 images: 90.68%; ResNet-8, 10 x 25,000:
   90.52%; both ~6 min of a quiet core. ResNet-14 has twice the prunable spaces (6 block-internal, 3
   streams), so it is the benchmark model; 10 epochs give ATO's controller a 4-epoch window. First timing
-  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s; each run 512-631 s, since two
-  runs at once share the machine's two hyper-threads. Whether --quick fits 20 minutes and the full table 2
-  hours on a quiet machine is still to be measured; if not, the training subset is what to shrink.
+  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s. On the quiet machine
+  (2026-11-30, --jobs 2, only low-priority work beside it) one ATO or static run takes 694-697 s: two runs at
+  once share the two hyper-threads and each goes at about half speed (a dense run alone took ~6 min), so
+  --jobs 2 gains little over one job (a profile of one run: backward 57%, forward 32%, reading and
+  augmenting images 11%). At that rate --quick (5.5 trainings' worth) takes ~32 minutes and the full table
+  (27) ~2.6 hours: both over their budgets by about 1.6x. Not yet re-chosen: fitting means about 0.6x the
+  image-epochs, and the measured points say that costs dense accuracy (ResNet-20: 8 x 20,000 images 90.0%,
+  4 x 12,000 85.9%; ResNet-14 at 10 x 15,000 is 90.2-90.7%), so a smaller protocol needs its own calibration.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
@@ -51,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -221,10 +227,14 @@ def run_task(task: dict) -> dict:
         result["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
     elif method in ("ato", "static"):
         ato = atofx.compile(model, (example,))
-        ato.train(train, epochs, target_flops=1.0 - target, method=method, controller_data=proto.controller_data,
-                  seed=seed, lam=task["lam"], device=device, progress=False, **task["ato_options"])
+        history = ato.train(train, epochs, target_flops=1.0 - target, method=method,
+                            controller_data=proto.controller_data, seed=seed, lam=task["lam"], device=device,
+                            progress=False, **task["ato_options"])
         small = ato.prune()
         result.update(flops_kept=atofx.count_flops(small, example) / dense_flops, **scores(small))
+        result["zigs"] = {k: [h[k] for h in history] for k in ("zigs_dropped", "zigs_zero", "zigs_revived",
+                                                                "mask_bits_changed", "flops_kept")}
+        result["zigs_revived_max"] = max(result["zigs"]["zigs_revived"])
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
         small, kept = tp_prune_to_flops(method, model, example, 1.0 - target, seed)
@@ -244,10 +254,53 @@ def _first_half(method: str) -> str:
     return "sparse" if method == "tp_group_norm" else "half"
 
 
+def source_digest() -> str:
+    """A digest of the code a run depends on (atofx, its passes and this tool): a stored run is reused only
+    by the same code."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted([*root.glob("atofx/**/*.py"), *root.glob("passes/**/*.py"), Path(__file__).resolve()])
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class RunStore:
+    """Finished runs on disk, one JSON file each, so an interrupted benchmark resumes where it stopped.
+
+    A run's file name is a digest of everything that decides it (method, seed, target, protocol, options,
+    device) and of the code (`source_digest`); a changed option or a code change starts it afresh."""
+
+    def __init__(self, folder: Path, code: str):
+        self.folder, self.code = folder, code
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, task: dict) -> Path:
+        spec = {k: v for k, v in task.items() if k not in ("state", "first_half_seconds", "data_dir", "workers")}
+        key = hashlib.sha256(json.dumps([spec, self.code], sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return self.folder / f"{task['method']}-s{task['seed']}-t{task['target']:.2f}-{key}.json"
+
+    def get(self, task: dict) -> dict | None:
+        try:
+            return json.loads(self.path(task).read_text())
+        except (OSError, json.JSONDecodeError):  # absent, or cut short by a crash: run it again
+            return None
+
+    def put(self, task: dict, result: dict) -> None:
+        path = self.path(task)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+
+
 def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, finetune_lr: float = 0.01,
             jobs: int = 1, methods: tuple[str, ...] = METHODS, lam: float = PAPER_LAMBDA, data_dir: str | None = None,
-            device: str = "cpu", ato_options: dict[str, Any] | None = None, workers: int = 0) -> list[dict]:
-    """Every run. A Torch-Pruning method's run starts as soon as its seed's shared first half is trained."""
+            device: str = "cpu", ato_options: dict[str, Any] | None = None, workers: int = 0,
+            store: RunStore | None = None) -> list[dict]:
+    """Every run. A Torch-Pruning method's run starts as soon as its seed's shared first half is trained.
+
+    With a `store`, runs found in it are not run again (a shared first half only when a run needs it), and
+    each finished run is saved there at once."""
     base = {"protocol": asdict(protocol), "finetune_lr": finetune_lr, "lam": lam, "data_dir": data_dir,
             "device": device, "threads": 1 if jobs > 1 else torch.get_num_threads(),
             "ato_options": ato_options or {}, "workers": workers}
@@ -257,30 +310,48 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
               for m in ("ato", "static") if m in methods]
     first += [base | {"method": "dense", "seed": s, "target": 0.0} for s in seeds if "dense" in methods]
 
-    def after(done: dict) -> list[dict]:
-        if done["method"] not in ("half", "sparse"):
-            return []
-        return [base | {"method": m, "seed": done["seed"], "target": t, "state": done["state"],
-                        "first_half_seconds": done["seconds"]}
-                for t in targets for m in methods if m in TP_METHODS and _first_half(m) == done["method"]]
+    def second_halves(half: dict) -> list[dict]:
+        return [base | {"method": m, "seed": half["seed"], "target": t}
+                for t in targets for m in methods if m in TP_METHODS and _first_half(m) == half["method"]]
 
     results: list[dict] = []
+    if store is not None:  # take what is stored; a first half is needed only for a second half not stored
+        todo = []
+        for task in first:
+            for run in second_halves(task) if task["method"] in ("half", "sparse") else [task]:
+                found = store.get(run)
+                if found is None:
+                    todo.append(task)
+                else:
+                    results.append(found | {"stored": True})
+                    print(f"  {run['method']:13s} seed {run['seed']} target {run['target']:.2f}: stored "
+                          f"({found['accuracy']:.2f}%)", file=sys.stderr, flush=True)
+        first = [t for i, t in enumerate(todo) if t not in todo[:i]]
+
+    def done(task: dict, result: dict) -> list[dict]:
+        """Save a finished run; after a first half, the second halves it unlocks that are not stored yet."""
+        if task["method"] not in ("half", "sparse"):
+            if store is not None:
+                store.put(task, result)
+            results.append(result)
+            return []
+        return [t | {"state": result["state"], "first_half_seconds": result["seconds"]} for t in second_halves(task)
+                if store is None or store.get(t) is None]
+
     if jobs <= 1:
         queue = list(first)
         while queue:
-            r = run_task(queue.pop(0))
-            queue += after(r)
-            results.append(r)
+            task = queue.pop(0)
+            queue += done(task, run_task(task))
     else:
         with ProcessPoolExecutor(jobs) as pool:
-            pending: set[Future] = {pool.submit(run_task, t) for t in first}
+            pending: dict[Future, dict] = {pool.submit(run_task, t): t for t in first}
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    r = f.result()
-                    pending |= {pool.submit(run_task, t) for t in after(r)}
-                    results.append(r)
-    return [r for r in results if r["method"] not in ("half", "sparse")]
+                    task = pending.pop(f)
+                    pending |= {pool.submit(run_task, t): t for t in done(task, f.result())}
+    return results
 
 
 # ---------------------------------------------------------------------- the table
@@ -368,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=sorted(CIFAR_MODELS), help="(default: the protocol's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--workers", type=int, default=0, help="data loading processes per run (default 0)")
+    parser.add_argument("--runs-dir", metavar="DIR", type=Path, default=Path("atofx-out/bench-accuracy-runs"),
+                        help="each finished run is saved here at once; a rerun of the same command and code "
+                        "takes the stored runs instead of training them again (default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="run everything again, ignoring --runs-dir")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
     args = parser.parse_args(argv)
@@ -386,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     runs = run_all(seeds, targets, protocol, args.finetune_lr, args.jobs, tuple(args.methods), args.lam,
-                   args.data_dir, args.device, ato_options, args.workers)
+                   args.data_dir, args.device, ato_options, args.workers,
+                   None if args.fresh else RunStore(args.runs_dir, source_digest()))
     rows = summarize(runs, targets)
     seconds = time.perf_counter() - started
     load_after = os.getloadavg()
