@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_accuracy  # noqa: E402
 
-from atofx.report import format_table  # noqa: E402
+from atofx.core.report import format_table  # noqa: E402
 
 # name -> (what it changes, ato.train options); "defaults" also runs `static`
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                     {"regularizer": "official", "controller_optimizer": "adamw", "head_bias": False}),
     "freeze": ("the frozen mask is the controller's, no bisection (point 5)", {"freeze_mask": "controller"}),
     "internal": ("gates inside residual blocks only (point 6)", {"search_space": "internal"}),
+    "steps+decay": ("16 passes over D_CN a window epoch (96 controller steps, not 6) and the decaying groups of "
+                    "'decay': a controller that can act in a 4-epoch window",
+                    {"controller_epochs": 16, "step_size": "share", "lam_schedule": "jump", "lam_boost": 100.0}),
     "official+bisect": ("all the official choices, the frozen mask bisected to the target",
                         {"flavour": "official", "freeze_mask": "bisect"}),
 }
