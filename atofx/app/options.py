@@ -7,7 +7,6 @@ Defaults that are ATO's options come from `ATOConfig`, where each is defined onc
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ CIFAR_MODEL_NAMES = ("resnet14", "resnet20", "resnet32", "resnet56", "resnet110"
 # digits has 1437 training images: the paper's 5% would give the controller two steps an epoch
 CONTROLLER_DATA = {"digits": 0.5}
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
-# a small dataset's D_CN may be one batch: repeat it so the controller still learns (digits and CIFAR have >= 10)
-MIN_CONTROLLER_STEPS = 10
 
 
 @dataclass
@@ -55,7 +52,7 @@ class TrainJob:
     dense_reference: bool = True
     progress: bool = True
     controller_data: float | None = None  # None: the dataset's recipe (see controller_share)
-    controller_epochs: int | None = None  # passes over D_CN per epoch; None: enough for MIN_CONTROLLER_STEPS steps
+    controller_epochs: int | None = None  # passes over D_CN per window epoch; None: ATOConfig.passes decides
     threads: int | None = None  # torch CPU threads; None: 1 for the tiny digits model, torch's default otherwise
     amp: str | None = None  # "bf16", or "fp16" with a grad scaler (on a GPU); None: float32
     channels_last: bool = False  # NHWC memory format for the model and its 4-d inputs (faster convs on recent GPUs)
@@ -210,9 +207,3 @@ def controller_share(job: TrainJob, n_train: int) -> float:
     return CONTROLLER_DATA.get(job.dataset, ATOConfig.controller_data)
 
 
-def controller_passes(job: TrainJob, n_train: int) -> int:
-    """Passes over D_CN per epoch: the job's, else as many as give the controller MIN_CONTROLLER_STEPS steps."""
-    if job.controller_epochs is not None:
-        return job.controller_epochs
-    batches = math.ceil(math.ceil(controller_share(job, n_train) * n_train) / job.batch_size)
-    return max(1, math.ceil(MIN_CONTROLLER_STEPS / max(batches, 1)))

@@ -28,7 +28,6 @@ from atofx.app.options import (
     TrainJob,
     ato_config,
     check_training,
-    controller_passes,
     controller_share,
     flag,
     job_settings,
@@ -315,7 +314,7 @@ def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, model: nn.Modu
               projection=job.projection, round_to=job.round_to, device=device, seed=job.seed, **options,
               checkpoint_dir=out / "checkpoints", log_path=out / "log.jsonl", progress=progress,
               controller_data=controller_share(job, len(train_loader.dataset)),
-              controller_epochs=controller_passes(job, len(train_loader.dataset)))
+              controller_epochs=job.controller_epochs)
     accuracy_trained = evaluate(model, val_loader, device, loss_fn)["accuracy"]
     small = ato.prune()
     accuracy_pruned = evaluate(small, val_loader, device, loss_fn)["accuracy"]

@@ -8,6 +8,7 @@ so the command line can build its parser (and answer `--help`) without it.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -17,6 +18,8 @@ from atofx.errors import ConfigError
 FLAVOURS = ("atofx", "official")
 METHODS = ("ato", "static")
 PROJECTIONS = ("prox", "hsp")
+# a small dataset's D_CN may be one batch: repeat it so the controller still takes steps every window epoch
+MIN_CONTROLLER_STEPS = 10
 # ATOConfig.official(): the authors' released code (xidongwu/AutoTrainOnce, ImageNet scripts), choice by choice
 OFFICIAL: dict[str, Any] = {
     "step_size": "share",  # project_wegit: lam * r_l * lr
@@ -46,20 +49,24 @@ class ATOConfig:
     controller_window: tuple[float, float] = (0.1, 0.5)  # (T_start, T_end) as shares of epochs
     controller_data: float = 0.05  # share of the training set in D_CN
     controller_lr: float = 1e-3
-    controller_epochs: int = 1  # passes over D_CN per epoch in the window
+    controller_epochs: int | None = None  # passes over D_CN per window epoch; None: `passes()` decides
+    # fewest controller steps over the window (None-controller_epochs only): a short run's controller gets more
+    # passes over D_CN. 384 = 16 passes on the Fashion-MNIST quick protocol (6 batches x 4 window epochs), where
+    # 1 pass (24 steps) left the controller's mask unchanged until the freeze; the paper's CIFAR runs have ~1,600
+    controller_steps: int = 384
     projection: str = "prox"  # "prox" (Eq. 3) or "hsp" (OTO's half-space projector, Eq. 2)
     method: str = "ato"  # "ato" or "static"
     tau: float = 0.4
     offset: float = 3.0
-    lam_boost: float = 10.0  # lambda multiplier after the freeze: reached at the last epoch ("ramp") or at once ("jump")
+    lam_boost: float = 100.0  # lambda multiplier after the freeze: reached at the last epoch ("ramp") or at once ("jump")
     round_to: int = 1  # the frozen mask keeps a multiple of this many ZIGs per space (1: any number)
     seed: int = 0
     # a dropped ZIG's lambda: "lr" lam (each dropped group shrinks by lr * lam a step); "share" lam * r_l,
     # r_l = its space's share of all dropped ZIGs (official: project_wegit's lam * ratio * lr)
-    step_size: str = "lr"
+    step_size: str = "share"
     # "ramp": lambda rises linearly from lam at the freeze to lam * lam_boost at the last epoch;
     # "jump": lambda is lam * lam_boost from epoch round(lam_jump_at * epochs) on (official: (E-5)/2 of E = 245)
-    lam_schedule: str = "ramp"
+    lam_schedule: str = "jump"
     lam_jump_at: float = 0.49  # "jump" only: 120 / 245, the official epoch as a share of the run
     hsp_eps: float = 0.1  # projection "hsp": OTO's epsilon (the authors' --epsilon)
     # "atofx": logistic noise, the hard mask in both loss terms, the noise-free mask projects and freezes;
@@ -93,6 +100,15 @@ class ATOConfig:
         check_options([k for k in options if k != "min_keep"])
         return cls.official(**options) if flavour == "official" else cls(**options)
 
+    def passes(self, window_epochs: int, batches: int) -> int:
+        """Passes over D_CN (`batches` a pass) per window epoch: `controller_epochs` if given, else enough for
+        `controller_steps` steps over the window and MIN_CONTROLLER_STEPS an epoch (one pass at paper scale)."""
+        if self.controller_epochs is not None:
+            return self.controller_epochs
+        batches = max(batches, 1)
+        return max(1, math.ceil(MIN_CONTROLLER_STEPS / batches),
+                   math.ceil(self.controller_steps / (max(window_epochs, 1) * batches)))
+
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
             raise ConfigError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")
@@ -118,6 +134,11 @@ class ATOConfig:
             raise ConfigError(f"hsp_eps (OTO's epsilon) must be in [0, 1), got {self.hsp_eps}.")
         if self.lam < 0 or self.lam_boost < 1.0:
             raise ConfigError(f"lam must be >= 0 and lam_boost >= 1, got lam={self.lam}, lam_boost={self.lam_boost}.")
+        passes = self.controller_epochs
+        if passes is not None and (not isinstance(passes, int) or passes < 1):
+            raise ConfigError(f"controller_epochs is a number of passes over D_CN, >= 1 (or None), got {passes!r}.")
+        if not isinstance(self.controller_steps, int) or self.controller_steps < 0:
+            raise ConfigError(f"controller_steps must be a whole number >= 0, got {self.controller_steps!r}.")
         if not isinstance(self.head_bias, bool):
             raise ConfigError(f"head_bias must be True or False, got {self.head_bias!r}.")
 

@@ -113,7 +113,7 @@ def controller_epoch(trainer: ATOTrainer, cn_loader: Iterable,
     """The controller's passes over D_CN for this epoch (nothing outside the window)."""
     steps: list[dict[str, float]] = []
     if trainer.in_window():
-        for _ in range(trainer.config.controller_epochs):
+        for _ in range(trainer.config.passes(trainer.phases.end - trainer.phases.start, len(cn_loader))):
             steps.extend(trainer.controller_step(b, loss_fn) for b in cn_loader)
     return steps
 

@@ -53,7 +53,8 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
     if trainer.config.method == "ato" and n:  # without a length, fit says why it cannot train
         batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) /
                                    (getattr(train_loader, "batch_size", None) or 1)))
-        why = schedule_warning(trainer.phases, batches, trainer.config.controller_epochs)
+        window = trainer.phases.end - trainer.phases.start
+        why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches))
         if why is not None:
             warnings.warn(why, AtofxWarning, stacklevel=3)
 
