@@ -193,7 +193,7 @@ def test_accuracy_benchmark_resumes_from_its_stored_runs(tmp_path, monkeypatch):
 
 
 def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defaults(tmp_path, monkeypatch):
-    from tests.test_datasets import write_fashion_mnist
+    from tests.app.test_datasets import write_fashion_mnist
 
     write_fashion_mnist(tmp_path, train=120, test=48)
     seen = []

@@ -20,6 +20,8 @@ METHODS = ("ato", "static")
 PROJECTIONS = ("prox", "hsp")
 # a small dataset's D_CN may be one batch: repeat it so the controller still takes steps every window epoch
 MIN_CONTROLLER_STEPS = 10
+# controller_steps adds at most this many passes a window epoch, so that a very short run is not all controller
+MAX_AUTO_PASSES = 16
 # ATOConfig.official(): the authors' released code (xidongwu/AutoTrainOnce, ImageNet scripts), choice by choice
 OFFICIAL: dict[str, Any] = {
     "step_size": "share",  # project_wegit: lam * r_l * lr
@@ -102,12 +104,13 @@ class ATOConfig:
 
     def passes(self, window_epochs: int, batches: int) -> int:
         """Passes over D_CN (`batches` a pass) per window epoch: `controller_epochs` if given, else enough for
-        `controller_steps` steps over the window and MIN_CONTROLLER_STEPS an epoch (one pass at paper scale)."""
+        `controller_steps` steps over the window (at most MAX_AUTO_PASSES passes) and MIN_CONTROLLER_STEPS an epoch
+        (one pass at paper scale)."""
         if self.controller_epochs is not None:
             return self.controller_epochs
         batches = max(batches, 1)
         return max(1, math.ceil(MIN_CONTROLLER_STEPS / batches),
-                   math.ceil(self.controller_steps / (max(window_epochs, 1) * batches)))
+                   min(MAX_AUTO_PASSES, math.ceil(self.controller_steps / (max(window_epochs, 1) * batches))))
 
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:

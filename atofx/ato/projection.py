@@ -195,7 +195,9 @@ class ZIGParams:
         Groups with lam_g == 0 are untouched; groups with ||x_g|| <= lr * lam_g become exactly zero.
         """
         lam = self._lambdas(lam)
-        shrink = torch.clamp(1.0 - lr * lam / self.group_norms(), min=0.0)
+        # a zero group stays zero, also at lr 0 (a cosine schedule's last step), where 0 / 0 would make it NaN
+        norms = self.group_norms().clamp_min(torch.finfo(self._dtype).tiny)
+        shrink = torch.clamp(1.0 - lr * lam / norms, min=0.0)
         self.scale_(torch.where(lam > 0, shrink, 1.0))
 
     @torch.no_grad()

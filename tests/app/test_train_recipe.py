@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from atofx.app import cli, train_command
 from atofx.app.options import RECIPES, TrainJob, ato_config, check_training, paper_figures, recipes_table
 from atofx.app.train_job import SoftTargetLoader, job_optimizer, rank_batch_size, run
-from atofx.ato.config import OFFICIAL
+from atofx.ato.config import OFFICIAL, ATOConfig
 from atofx.ato.controller import controller_subset
 from atofx.ato.loop import loader_generators
 from atofx.errors import AtofxError, ConfigError
@@ -85,7 +85,7 @@ def test_command_line_sets_the_flavour_and_overrides_it():
     assert config.freeze_mask == "dead" and config.hsp_eps == 0.2 and config.head_bias is False
     assert all(getattr(config, k) == v for k, v in OFFICIAL.items() if k != "freeze_mask")
     assert (job.optimizer, job.mixup) == ("adamw", 0.2)
-    assert ato_config(TrainJob()).step_size == "lr"  # no flag: atofx's default
+    assert ato_config(TrainJob()).sampling == ATOConfig.sampling == "atofx"  # no flag: atofx's default
     with pytest.raises(ConfigError, match="search_space"):
         ato_config(TrainJob(search_space="blocks"))
 

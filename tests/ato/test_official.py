@@ -62,6 +62,7 @@ def test_a_short_run_gives_the_controller_more_passes_and_a_long_one_the_papers_
     assert config.passes(window_epochs=4, batches=6) == 16  # the Fashion-MNIST quick protocol: 384 steps
     assert config.passes(window_epochs=80, batches=20) == 1  # CIFAR at paper scale: 1,600 steps in one pass each
     assert config.passes(window_epochs=40, batches=1) == 10  # a one-batch D_CN: at least 10 steps an epoch
+    assert config.passes(window_epochs=1, batches=2) == 16  # a 2-epoch test run: capped, not 192 passes
     assert ATOConfig(controller_epochs=2).passes(4, 6) == 2  # given: as given
     with pytest.raises(ConfigError, match="controller_epochs"):
         ATOConfig(controller_epochs=0).validate()
@@ -104,7 +105,7 @@ def test_share_step_divides_lambda_by_the_spaces_share_of_dropped_zigs():
 
 def test_lambda_jumps_at_its_share_of_epochs_or_ramps_after_the_freeze():
     jump = fresh().start_training(10, 0.5, lam_schedule="jump", lam_boost=100.0, lam_jump_at=0.49)
-    ramp = fresh().start_training(10, 0.5, lam_boost=100.0)
+    ramp = fresh().start_training(10, 0.5, lam_schedule="ramp", lam_boost=100.0)
     seen_jump, seen_ramp = [], []
     for epoch in range(10):
         jump.state.epoch = ramp.state.epoch = epoch

@@ -151,6 +151,15 @@ def test_prox_formula_by_hand(tiny):
     assert params["conv.bias"][1].item() == torch.tensor(0.8).item()
 
 
+def test_prox_keeps_a_zero_group_zero_at_learning_rate_zero(tiny):
+    """A cosine schedule's last step has lr 0: 0 / ||0|| must not turn a dropped, zeroed group into NaN."""
+    _, params, zp = clone(tiny)
+    zp.proximal_group_lasso_(tiny_lams(zp, tiny, 14.0, 0.0), lr=0.5)  # group 0 exactly zero
+    zp.proximal_group_lasso_(tiny_lams(zp, tiny, 14.0, 0.0), lr=0.0)
+    w, b = conv_values(params)
+    assert (w[0], b[0]) == (0.0, 0.0) and w[1] == pytest.approx(0.6) and b[1] == pytest.approx(0.8)
+
+
 @pytest.mark.parametrize("lam", [10.0, 14.0])  # lr * lam = 5 = ||x|| (boundary) and 7 > ||x||
 def test_prox_gives_exact_zero_once_the_step_exceeds_the_norm(tiny, lam):
     _, params, zp = clone(tiny)
