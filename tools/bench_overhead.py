@@ -131,8 +131,10 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
     plain_model = copy.deepcopy(model)
     plain_opt, _ = default_optimizer(plain_model, 10)
     ato = atofx.compile(model, (torch.randn(shape),))
-    trainer = ATOTrainer(ato, atofx.ato.config.ATOConfig(target_flops=0.5, controller_data=0.05), 10,
-                         torch.device("cpu"))
+    # one pass over D_CN a window epoch: the paper-scale cost (a short run's controller may take up to
+    # MAX_AUTO_PASSES passes, ATOConfig.passes; that cost shows in bench_accuracy's "train s")
+    trainer = ATOTrainer(ato, atofx.ato.config.ATOConfig(target_flops=0.5, controller_data=0.05, controller_epochs=1),
+                         10, torch.device("cpu"))
     opt, _ = default_optimizer(model, 10)
     trainer.mask = {k: (torch.rand(v.shape, generator=torch.Generator().manual_seed(k)) > 0.5).float()
                     for k, v in trainer.mask.items()}

@@ -11,10 +11,11 @@ ZIGs of pinned spaces have no indexed entries: their norm is 0 and projections l
 Step size: the proximal step shrinks group g by `lr * lambda_g` in L2 norm, with `lr` the optimiser's
 *current* learning rate (`step_size(optimizer)`, after any scheduler), also for Adam/AdamW: the
 projection is a separate step on the regulariser, not preconditioned by Adam's moments. What
-`lambda_g` is, is the trainer's choice (`ATOConfig.step_size`): `lam` for every dropped group (atofx's
-default), or `lam * r_l` with `r_l` the group's space's share of all dropped groups, as the authors'
-released code does (`project_wegit`); with tens of spaces r_l is a few percent, and under their
-AdamW lr of 1e-3 a dropped group decays over many steps instead of vanishing in one or two.
+`lambda_g` is, is the trainer's choice (`ATOConfig.step_size`): `lam * r_l` with `r_l` the group's space's
+share of all dropped groups, as the authors' released code does (`project_wegit`; the default since the
+Fashion-MNIST ablation), or `lam` for every dropped group (atofx's earlier default); with tens of spaces r_l
+is a few percent, and under their AdamW lr of 1e-3 a dropped group decays over many steps instead of
+vanishing in one or two.
 
 Two projections: the proximal group-lasso step (Eq. 3) and OTO's half-space projector (Eq. 2), which
 tests a trial point against the group's previous value (`half_space_project_`); they differ.
