@@ -102,15 +102,19 @@ class ATOConfig:
         check_options([k for k in options if k != "min_keep"])
         return cls.official(**options) if flavour == "official" else cls(**options)
 
-    def passes(self, window_epochs: int, batches: int) -> int:
+    def passes(self, window_epochs: int, batches: int, train_batches: int | None = None) -> int:
         """Passes over D_CN (`batches` a pass) per window epoch: `controller_epochs` if given, else enough for
-        `controller_steps` steps over the window (at most MAX_AUTO_PASSES passes) and MIN_CONTROLLER_STEPS an epoch
-        (one pass at paper scale)."""
+        `controller_steps` steps over the window (at most MAX_AUTO_PASSES passes) and MIN_CONTROLLER_STEPS an
+        epoch, but no more controller steps an epoch than the epoch's `train_batches` training steps (so the
+        controller never costs more than the training). One pass at paper scale."""
         if self.controller_epochs is not None:
             return self.controller_epochs
         batches = max(batches, 1)
-        return max(1, math.ceil(MIN_CONTROLLER_STEPS / batches),
-                   min(MAX_AUTO_PASSES, math.ceil(self.controller_steps / (max(window_epochs, 1) * batches))))
+        wanted = max(math.ceil(MIN_CONTROLLER_STEPS / batches),
+                     min(MAX_AUTO_PASSES, math.ceil(self.controller_steps / (max(window_epochs, 1) * batches))))
+        if train_batches is not None:
+            wanted = min(wanted, train_batches // batches)
+        return max(1, wanted)
 
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:

@@ -108,12 +108,13 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
     return float(loss_sum) / max(float(n), 1.0), 100.0 * float(correct) / max(float(n), 1.0)
 
 
-def controller_epoch(trainer: ATOTrainer, cn_loader: Iterable,
-                     loss_fn: Callable[[Any, Tensor], Tensor]) -> list[dict[str, float]]:
+def controller_epoch(trainer: ATOTrainer, cn_loader: Iterable, loss_fn: Callable[[Any, Tensor], Tensor],
+                     train_batches: int | None = None) -> list[dict[str, float]]:
     """The controller's passes over D_CN for this epoch (nothing outside the window)."""
     steps: list[dict[str, float]] = []
     if trainer.in_window():
-        for _ in range(trainer.config.passes(trainer.phases.end - trainer.phases.start, len(cn_loader))):
+        window = trainer.phases.end - trainer.phases.start
+        for _ in range(trainer.config.passes(window, len(cn_loader), train_batches)):
             steps.extend(trainer.controller_step(b, loss_fn) for b in cn_loader)
     return steps
 
@@ -163,7 +164,7 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         run.check_finite(train_loss, epoch)
-        ctrl = controller_epoch(trainer, cn_loader, loss_fn) if cn_loader is not None else []
+        ctrl = controller_epoch(trainer, cn_loader, loss_fn, len(train_loader)) if cn_loader is not None else []
         record = _epoch_record(trainer, epoch, train_loss, train_acc, ctrl, before, optimizer)
         if val_loader is not None:
             val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)

@@ -54,7 +54,8 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
         batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) /
                                    (getattr(train_loader, "batch_size", None) or 1)))
         window = trainer.phases.end - trainer.phases.start
-        why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches))
+        steps = len(train_loader) if isinstance(train_loader, Sized) else None
+        why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches, steps))
         if why is not None:
             warnings.warn(why, AtofxWarning, stacklevel=3)
 

@@ -63,6 +63,9 @@ def test_a_short_run_gives_the_controller_more_passes_and_a_long_one_the_papers_
     assert config.passes(window_epochs=80, batches=20) == 1  # CIFAR at paper scale: 1,600 steps in one pass each
     assert config.passes(window_epochs=40, batches=1) == 10  # a one-batch D_CN: at least 10 steps an epoch
     assert config.passes(window_epochs=1, batches=2) == 16  # a 2-epoch test run: capped, not 192 passes
+    assert config.passes(window_epochs=4, batches=6, train_batches=118) == 16  # Fashion-MNIST quick: 96 <= 118
+    assert config.passes(window_epochs=12, batches=2, train_batches=4) == 2  # never more steps than training
+    assert config.passes(window_epochs=12, batches=12, train_batches=23) == 1  # the digits job: one pass
     assert ATOConfig(controller_epochs=2).passes(4, 6) == 2  # given: as given
     with pytest.raises(ConfigError, match="controller_epochs"):
         ATOConfig(controller_epochs=0).validate()
