@@ -35,3 +35,14 @@ def rows(zigs: ZIGSet, space: ChannelSpace, module: str, dim: int) -> list[list[
                for i in ids.tolist()]
         found.append(sorted(idx))
     return found
+
+
+class Flip(nn.Module):
+    """A conv, a flip over channels (an op outside the rule table), a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flip(self.a(x), dims=[1]))

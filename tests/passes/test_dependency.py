@@ -11,7 +11,7 @@ from atofx.passes.op_rules import OPS
 from atofx.passes.registry import Op
 from torch import nn
 
-from tests.passes.analysis import analyse, rows, space_of
+from tests.passes.analysis import Flip, analyse, rows, space_of
 
 
 def example(channels: int = 3) -> torch.Tensor:
@@ -34,15 +34,6 @@ class Concat(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
-
-
-class Flip(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flip(self.a(x), dims=[1]))
 
 
 def test_a_residual_add_couples_the_two_branches_channel_by_channel() -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from atofx.core.serialization import _CHANNEL_ATTRS, _allowed_functions
 from atofx.errors import OpTableError
-from tests.passes.analysis import analyse, rows, space_of
+from tests.passes.analysis import Flip, analyse, rows, space_of
 
 # a sample layer per class with a surgery, and what to remove from it: (parameter, dim) -> indices
 SURGERY_SAMPLES = {
@@ -114,15 +114,6 @@ def test_saving_allows_every_function_of_the_table_and_records_every_declared_wi
     assert {f for f in OPS.functions() if hasattr(f, "__qualname__")} == allowed
     assert torch.einsum in allowed and OPS.by_target[torch.einsum].rule is None  # saved only: its channels pin
     assert set(_CHANNEL_ATTRS) == {a for op in OPS.entries for a in op.saved_attrs}
-
-
-class Flip(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flip(self.a(x), dims=[1]))
 
 
 def flip(ctx) -> ChannelLayout | None:
