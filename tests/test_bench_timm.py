@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.bench_tools import load_tool
+
 pytest.importorskip("timm")
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_timm = _load("bench_timm")
+bench_timm = load_tool("bench_timm")
 
 
 def test_sweep_writes_a_row_per_model(tmp_path):

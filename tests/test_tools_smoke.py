@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +11,13 @@ import torch
 
 import atofx
 from atofx.app.cifar_models import resnet20
+from tests.bench_tools import load_tool
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _load(name: str):
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))  # bench_accuracy imports bench_latency as a sibling module
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_latency = _load("bench_latency")
-bench_accuracy = _load("bench_accuracy")
-bench_overhead = _load("bench_overhead")
-bench_plots = _load("bench_plots")
-bench_ablation = _load("bench_ablation")
+bench_latency = load_tool("bench_latency")
+bench_accuracy = load_tool("bench_accuracy")
+bench_overhead = load_tool("bench_overhead")
+bench_plots = load_tool("bench_plots")
+bench_ablation = load_tool("bench_ablation")
 
 
 @pytest.fixture(scope="module")
