@@ -142,8 +142,10 @@ def _loaders(task: dict) -> tuple[DataLoader, DataLoader | None, DataLoader, tup
 
 
 def _model(task: dict, channels: int) -> nn.Module:
+    """The protocol's model, in channels-last memory format (every method the same; see the docstring)."""
     torch.manual_seed(task["seed"])
-    return CIFAR_MODELS[task["protocol"]["model"]](num_classes=10, in_channels=channels)
+    model = CIFAR_MODELS[task["protocol"]["model"]](num_classes=10, in_channels=channels)
+    return model.to(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------------- Torch-Pruning's pruners
@@ -238,6 +240,7 @@ def run_task(task: dict) -> dict:
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
         small, kept = tp_prune_to_flops(method, model, example, 1.0 - target, seed)
+        small = small.to(memory_format=torch.channels_last)  # Torch-Pruning's slices come back contiguous
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
         result.update(flops_kept=kept, **scores(small))
     else:
