@@ -800,6 +800,12 @@ def expand(ctx: RuleContext) -> Any:
     return lay.at(dim)
 
 
+def new_tensor(ctx: RuleContext) -> Any:
+    """`x.new_empty(size)` and its kin (drop-path's `x.new_empty((n, 1, 1, 1)).bernoulli_(p)`): a fresh tensor that
+    takes only x's dtype and device, so it carries none of x's channels."""
+    return None
+
+
 _REDUCE_KEEPS = {"sum"}
 
 
@@ -1188,7 +1194,8 @@ _keeps_zero_methods = (
     "relu", "relu_", "tanh", "tanh_", "neg", "abs", "sqrt", "contiguous", "clone", "detach", "float",
     "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda",
 )
-_loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_")
+_loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_", "bernoulli_")  # bernoulli_(p): random 0/1 everywhere
+_new_tensor_methods = ("new_empty", "new_zeros", "new_ones", "new_full")
 
 OPS = OpTable([
     # elementwise
@@ -1264,6 +1271,7 @@ OPS = OpTable([
     Op((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle), "pixel shuffle", pixel_shuffle),
     Op((nn.ChannelShuffle, torch.channel_shuffle), "channel shuffle", channel_shuffle),
     Op((Method("size"), Method("dim"), Method("numel"), getattr), "shape query", shape_query),
+    Op(tuple(Method(m) for m in _new_tensor_methods), "new tensor", new_tensor),
     # sequences and products
     Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery, saved_attrs=("input_size",)),
     Op((torch.matmul, operator.matmul, torch.bmm, Method("matmul"), Method("bmm")), "matmul", matmul),

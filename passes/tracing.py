@@ -167,7 +167,8 @@ class _ShapeProxy(fx.Proxy):
     """A proxy whose Python number conversions answer from the example input, where the value is a shape."""
 
     def __len__(self) -> int:
-        return len(self.tracer.concrete(self, "len() of a tensor"))
+        n = self.tracer.fixed_length(self.node)
+        return n if n is not None else len(self.tracer.concrete(self, "len() of a tensor"))
 
     def __int__(self) -> int:
         return int(self.tracer.concrete(self, "int() of a tensor value"))
@@ -234,9 +235,18 @@ class _ShapeTracer(_PathTracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.concrete(obj, "a Python branch on a tensor's values"))
 
+    def fixed_length(self, node: fx.Node) -> int | None:
+        """The length of a sequence the example's shapes fix: a shape tuple, or a torch op's tuple of tensors
+        computed from tensors and shapes (`x.chunk(2, 1)`, `x.split(4, 1)`); None for anything else (a tensor)."""
+        value = self.values.get(node)
+        fixed = node in self.static or (node.op in ("call_function", "call_method") and all(
+            n in self.static or isinstance(self.values.get(n), torch.Tensor) for n in node.all_input_nodes))
+        return len(value) if fixed and isinstance(value, (tuple, list)) else None
+
     def iter(self, obj: fx.Proxy) -> Any:
-        if obj.node in self.static and isinstance(self.values[obj.node], (tuple, list)):
-            return iter([obj[i] for i in range(len(self.values[obj.node]))])
+        n = self.fixed_length(obj.node)
+        if n is not None:  # `list(x.chunk(2, 1))`, `for part in x.split(4, 1)`
+            return iter([obj[i] for i in range(n)])
         return super().iter(obj)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:

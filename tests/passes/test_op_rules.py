@@ -238,6 +238,7 @@ ELEMENTWISE = [
     sw(".type_as()", fn(lambda x: x.type_as(x)), True, [Method("type_as")]),
     *(sw(f".{m}()", fn(lambda x, m=m: getattr(x, m)()), False, [Method(m)])
       for m in ("sigmoid", "sigmoid_", "exp", "exp_")),
+    sw(".bernoulli_(0.5)", fn(lambda x: x.bernoulli_(0.5)), False, [Method("bernoulli_")]),
     sw(".clamp(min=-1)", fn(lambda x: x.clamp(min=-1.0)), True, [Method("clamp")]),
     sw(".clamp(0.1, 1)", fn(lambda x: x.clamp(0.1, 1.0)), False, [Method("clamp")]),
     sw(".clamp_(max=1)", fn(lambda x: x.clamp_(max=1.0)), True, [Method("clamp_")]),
@@ -968,6 +969,19 @@ def test_per_channel_parameter_operand(op: Callable, shape: tuple, parameter: bo
 def test_computed_per_channel_operand_pins() -> None:
     ato = analyse(Scaled(lambda x, s: x * s.abs(), (8, 1, 1), True), SHAPES[2], [operator.mul])
     assert_pinned(space(ato, "conv"), "computed per-channel tensor that cannot be sliced")
+
+
+@pytest.mark.parametrize("new", ["new_empty", "new_zeros", "new_ones", "new_full"])
+def test_a_tensor_made_by_new_carries_no_channels(new: str) -> None:
+    """Drop-path as users copy it, `x * x.new_empty((n, 1, 1, 1)).bernoulli_(p)`: the stream stays prunable."""
+
+    def drop_path(x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[0], 1, 1, 1)
+        return x * getattr(x, new)(*((size, 1.0) if new == "new_full" else (size,))).bernoulli_(0.8) / 0.8
+
+    ato = analyse(Sandwich(drop_path), SHAPES[2], cover(Method(new), Method("bernoulli_")))
+    assert not space(ato, "conv1").pinned, space(ato, "conv1").reason
+    assert not ato.zigs.facts.unknown_ops
 
 
 # ---------------------------------------------------------------- cat, split, chunk, getitem, pad
