@@ -75,9 +75,12 @@ def train_check(masked: nn.Module, small: nn.Module, inputs: tuple, seed: int) -
     return {"train_diff": diff, "stochastic": random_masked, "train_ok": diff <= TOL and random_small == random_masked}
 
 
+BOUNDARY = ("model input", "model output")  # pinned in every model: the pin reasons the figure leaves out
+
+
 def space_summary(ato: atofx.ATOModel) -> dict:
-    """Prunable and pinned spaces, the pinned ones counted by reason."""
-    reasons = Counter(s.reason for s in ato.spaces if s.pinned)
+    """Prunable and pinned spaces, the pinned ones counted by reason (without the node it names)."""
+    reasons = Counter(s.reason.split(" (at ")[0] for s in ato.spaces if s.pinned)
     return {"spaces": len(ato.spaces), "prunable": len(ato.zigs.prunable), "pinned": sum(reasons.values()),
             "pinned_reasons": dict(reasons.most_common())}
 
@@ -123,17 +126,20 @@ def _first_line(exc: BaseException) -> str:
 def _cells(row: dict) -> list[str]:
     removed = f"{row['flops_removed']:.1%}" if "flops_removed" in row else "-"
     spaces = f"{row['prunable']}/{row['spaces']}" if "spaces" in row else "-"
-    pinned = "; ".join(f"{n} {reason[:40]}" for reason, n in row.get("pinned_reasons", {}).items()) or "-"
+    pinned = "; ".join(f"{n} {why}" for why, n in row.get("pinned_reasons", {}).items() if why not in BOUNDARY) or "-"
     train = "-" if "train_ok" not in row else ("exact" if row["train_ok"] else "differs") + (
         " (random)" if row["stochastic"] else "")
-    return [row["model"], row["status"], spaces, removed, train, pinned[:70], row.get("error", "")[:80]]
+    return [row["model"], row["status"], spaces, removed, train, pinned[:90], row.get("error", "")[:80]]
 
 
 def summary(rows: list[dict]) -> dict:
-    """The sweep's figure: models, exact ones, and the FLOPs removed by the median, least and most pruned."""
+    """The sweep's figure: models, exact ones, the models with spaces pinned inside them (not at an input or output)
+    and why, and the FLOPs removed by the median, least and most pruned."""
     removed = sorted(r["flops_removed"] for r in rows if r["status"] == "ok" and r.get("prunable"))
+    inside = {r["model"]: [why for why in r["pinned_reasons"] if why not in BOUNDARY]
+              for r in rows if "pinned_reasons" in r}
     return {"models": len(rows), "exact": sum(r["status"] == "ok" for r in rows),
-            "with_pinned_spaces": sum(r.get("pinned", 0) > 0 for r in rows),
+            "pinned_inside": {model: reasons for model, reasons in inside.items() if reasons},
             "flops_removed_median": removed[len(removed) // 2] if removed else None,
             "flops_removed_min": removed[0] if removed else None, "flops_removed_max": removed[-1] if removed else None}
 
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(sweep_model(models[name], seed=args.seed))
         print(f"  {name}: {rows[-1]['status']} {rows[-1].get('error', '')[:120]}", file=sys.stderr, flush=True)
     figure = summary(rows)
-    print(format_table(["model", "status", "prunable/spaces", "FLOPs removed", "train mode", "pinned", "error"],
+    print(format_table(["model", "status", "prunable/spaces", "FLOPs removed", "train mode", "pinned inside", "error"],
                        [_cells(r) for r in rows]))
     print(f"{figure['exact']} of {figure['models']} user-style CNNs compile and prune exactly in eval and train mode "
           f"(random mask keeping {KEEP:.0%} of every space, seed {args.seed}; torch {torch.__version__})")
