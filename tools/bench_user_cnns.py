@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    rows = []
+    rows, wall, cpu = [], time.perf_counter(), time.process_time()
     for name in args.models or list(models):
         rows.append(sweep_model(models[name], seed=args.seed))
         print(f"  {name}: {rows[-1]['status']} {rows[-1].get('error', '')[:120]}", file=sys.stderr, flush=True)
-    figure = summary(rows)
+    figure = summary(rows) | {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
     print(format_table(["model", "status", "prunable/spaces", "FLOPs removed", "train mode", "pinned inside", "error"],
                        [_cells(r) for r in rows]))
     print(f"{figure['exact']} of {figure['models']} user-style CNNs compile and prune exactly in eval and train mode "
