@@ -232,3 +232,18 @@ def test_a_list_of_chunks_iterates_with_the_example_length() -> None:
     assert any(not s.pinned for s in ato.spaces if "conv1" in s.producers)
     small = ato.prune(ato.random_mask(keep=0.5, seed=0))  # the equivalence check runs inside
     assert small.conv1.out_channels < 8
+
+
+class PerSample(nn.Module):
+    """Iterates over the batch: the count would be baked in from the example's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(list(self.conv(x).unbind(0)))
+
+
+def test_a_list_of_batch_slices_is_still_refused() -> None:
+    assert "iteration over a tensor" in str(_trace_error(PerSample()))
