@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from atofx.passes.equivalence import relative_difference
+from atofx.passes.values import evaluating
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from user_cnns import Entry, zoo
@@ -66,12 +67,14 @@ def _forward(model: nn.Module, inputs: tuple, seed: int) -> Any:
 
 def train_check(masked: nn.Module, small: nn.Module, inputs: tuple, seed: int) -> dict:
     """Train mode: equal outputs with every dropout draw kept, and randomness where the masked model has it."""
-    masked.train(), small.train()
+    for m in (masked, small):
+        m.train()
     with KeepEveryDraw():
         diff = relative_difference(_forward(masked, inputs, seed), _forward(small, inputs, seed))
     random_masked, random_small = (relative_difference(_forward(m, inputs, seed), _forward(m, inputs, seed + 1)) > 0
                                    for m in (masked, small))
-    masked.eval(), small.eval()
+    for m in (masked, small):
+        m.eval()
     return {"train_diff": diff, "stochastic": random_masked, "train_ok": diff <= TOL and random_small == random_masked}
 
 
@@ -89,33 +92,41 @@ def sweep_model(entry: Entry, keep: float = KEEP, seed: int = SEED) -> dict:
     """Compile, mask and prune one zoo model and check the pruned model; the row says what happened."""
     torch.manual_seed(seed)
     model = entry.make()
-    inputs, fresh = entry.inputs(seed), entry.inputs(seed + 1)
+    inputs = entry.inputs(seed)
     row: dict = {"model": entry.name, "pattern": entry.pattern, "inputs": [list(s) for s in entry.shapes]}
     start = time.perf_counter()
     try:
         ato = atofx.compile(model, inputs)
         row.update(space_summary(ato), flops_dense=atofx.count_flops(model, inputs))
-        if not ato.zigs.prunable:
-            return row | {"status": "ok", "flops_pruned": row["flops_dense"], "flops_removed": 0.0}
-        mask = ato.random_mask(keep=keep, seed=seed)
-        small = ato.prune(mask)  # raises EquivalenceError when the pruned model differs on the example inputs
-        ato.apply_mask(mask)  # the user's model, masked in place: the reference from here on
-        row["flops_pruned"] = atofx.count_flops(small, inputs)
-        row["flops_removed"] = 1 - row["flops_pruned"] / row["flops_dense"]
-        with torch.no_grad():
-            model.eval(), small.eval()
-            row["eval_diff"] = relative_difference(model(*fresh), small(*fresh))
-        row.update(train_check(model, small, fresh, seed))
-        exact = row["eval_diff"] <= TOL and row["train_ok"]
-        row["status"] = "ok" if exact else "silent difference"
-        if not exact:
-            row["error"] = f"eval diff {row['eval_diff']:.3g}, train diff {row['train_diff']:.3g}"
+        if ato.zigs.prunable:
+            row.update(prune_and_compare(ato, entry.inputs(seed + 1), keep, seed))
+        else:
+            row.update(status="ok", flops_pruned=row["flops_dense"], flops_removed=0.0)
     except atofx.AtofxError as exc:
         row.update(status=type(exc).__name__, error=_first_line(exc))
     except Exception as exc:  # a raw exception is an atofx bug: the row says which
         row.update(status=f"raw {type(exc).__name__}", error=_first_line(exc))
     row["seconds"] = time.perf_counter() - start
     return row
+
+
+def prune_and_compare(ato: atofx.ATOModel, fresh: tuple, keep: float, seed: int) -> dict:
+    """Prune with a random mask keeping `keep` of every space, then compare with the user's model masked in place
+    on `fresh` inputs, in eval and in train mode; FLOPs counted on the example inputs."""
+    mask = ato.random_mask(keep=keep, seed=seed)
+    small = ato.prune(mask)  # raises EquivalenceError when the pruned model differs on the example inputs
+    ato.apply_mask(mask)  # the user's model, masked in place: the reference from here on
+    model = ato.model
+    out = {"flops_pruned": atofx.count_flops(small, ato.example_inputs)}
+    out["flops_removed"] = 1 - out["flops_pruned"] / atofx.count_flops(model, ato.example_inputs)
+    with evaluating(model), evaluating(small):
+        out["eval_diff"] = relative_difference(model(*fresh), small(*fresh))
+    out.update(train_check(model, small, fresh, seed))
+    exact = out["eval_diff"] <= TOL and out["train_ok"]
+    out["status"] = "ok" if exact else "silent difference"
+    if not exact:
+        out["error"] = f"eval diff {out['eval_diff']:.3g}, train diff {out['train_diff']:.3g}"
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
