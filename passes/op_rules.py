@@ -653,14 +653,20 @@ def pad(ctx: RuleContext) -> Any:
 
 
 _TENSOR_ALIASES = {"data"}  # tensor attributes that are the same tensor
+_RESULT_FIELDS = {"values": 0, "indices": 1}  # torch.return_types of max/min: (values, indices)
 
 
 def shape_query(ctx: RuleContext) -> Any:
-    """size(), dim(), .shape: no tensor out, nothing to track; a tensor attribute (.data, .T) is followed or pinned."""
-    lay = ctx.layout(ctx.arg(0, "input"))
+    """size(), dim(), .shape: no tensor out, nothing to track; a tensor attribute (.data, .T) is followed or pinned;
+    `.values` / `.indices` of a (values, indices) result (`x.max(1).values`) is that member."""
+    src = ctx.arg(0, "input")
+    attr = ctx.node.args[1] if ctx.node.target is getattr and len(ctx.node.args) > 1 else None
+    members = ctx.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None
+    if isinstance(members, (tuple, list)) and attr in _RESULT_FIELDS and len(members) == 2:
+        return members[_RESULT_FIELDS[attr]]
+    lay = ctx.layout(src)
     if ctx.out_shape is None or lay is None:
         return None
-    attr = ctx.node.args[1] if ctx.node.target is getattr and len(ctx.node.args) > 1 else None
     if attr in _TENSOR_ALIASES:
         return lay
     reason = f"tensor attribute .{attr}" if attr else f"{ctx.node.target} returning a tensor"
@@ -798,6 +804,32 @@ def expand(ctx: RuleContext) -> Any:
         ctx.pin(lay.ids, reason)
         return ctx.fresh(dim, int(dst[dim]), pinned=reason, zero=False)
     return lay.at(dim)
+
+
+def max_min(ctx: RuleContext) -> Any:
+    """`x.max(dim)` / `torch.min(x, dim, keepdim)`: (values, indices) over one dim, a max over channels pinned
+    (it depends on the width); `x.max()` over every dim pins too; `torch.max(a, b)`, elementwise, is not followed."""
+    x, dim = ctx.arg(0, "input"), ctx.arg(1, "dim")
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    if isinstance(dim, fx.Node):
+        reason = f"elementwise {name}() of two tensors"
+        ctx.pin_inputs(reason)
+        return ctx.fresh_like_output(reason)
+    lay = ctx.layout(x)
+    if lay is None:
+        return None
+    nd = _ndim(ctx, x)
+    if dim is None or _norm_dim(dim, nd) == lay.dim:
+        ctx.pin(lay.ids, f"{name}() over the channel dim")
+        return None if dim is None else (None, None)
+    out = lay.at(lay.dim if ctx.arg(2, "keepdim", False) else lay.dim - (_norm_dim(dim, nd) < lay.dim))
+    return out, out.with_zero(False)  # the max of an all-zero channel is zero; its index need not be
+
+
+def new_tensor(ctx: RuleContext) -> Any:
+    """`x.new_empty(size)` and its kin (drop-path's `x.new_empty((n, 1, 1, 1)).bernoulli_(p)`): a fresh tensor that
+    takes only x's dtype and device, so it carries none of x's channels."""
+    return None
 
 
 _REDUCE_KEEPS = {"sum"}
@@ -1188,7 +1220,8 @@ _keeps_zero_methods = (
     "relu", "relu_", "tanh", "tanh_", "neg", "abs", "sqrt", "contiguous", "clone", "detach", "float",
     "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda",
 )
-_loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_")
+_loses_zero_methods = ("sigmoid", "sigmoid_", "exp", "exp_", "bernoulli_")  # bernoulli_(p): random 0/1 everywhere
+_new_tensor_methods = ("new_empty", "new_zeros", "new_ones", "new_full")
 
 OPS = OpTable([
     # elementwise
@@ -1264,6 +1297,8 @@ OPS = OpTable([
     Op((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle), "pixel shuffle", pixel_shuffle),
     Op((nn.ChannelShuffle, torch.channel_shuffle), "channel shuffle", channel_shuffle),
     Op((Method("size"), Method("dim"), Method("numel"), getattr), "shape query", shape_query),
+    Op(tuple(Method(m) for m in _new_tensor_methods), "new tensor", new_tensor),
+    Op((torch.max, torch.min, Method("max"), Method("min")), "reduce max/min", max_min),
     # sequences and products
     Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery, saved_attrs=("input_size",)),
     Op((torch.matmul, operator.matmul, torch.bmm, Method("matmul"), Method("bmm")), "matmul", matmul),

@@ -167,7 +167,8 @@ class _ShapeProxy(fx.Proxy):
     """A proxy whose Python number conversions answer from the example input, where the value is a shape."""
 
     def __len__(self) -> int:
-        return len(self.tracer.concrete(self, "len() of a tensor"))
+        n = self.tracer.fixed_length(self.node)
+        return n if n is not None else len(self.tracer.concrete(self, "len() of a tensor"))
 
     def __int__(self) -> int:
         return int(self.tracer.concrete(self, "int() of a tensor value"))
@@ -189,6 +190,8 @@ class _ShapeProxy(fx.Proxy):
 
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "ndimension", "nelement"})
+# ops that cut a tensor into a tuple along `dim` (default 0): where `dim` is in their arguments
+_SPLIT_DIM_AT = {"chunk": 2, "split": 2, "tensor_split": 2, "unbind": 1, "split_with_sizes": 2}
 _SHAPE_ATTRS = frozenset({"shape", "ndim"})
 
 
@@ -234,9 +237,27 @@ class _ShapeTracer(_PathTracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.concrete(obj, "a Python branch on a tensor's values"))
 
+    def fixed_length(self, node: fx.Node) -> int | None:
+        """The length of a sequence the example's shapes fix: a shape tuple, or a torch op's tuple of tensors
+        computed from tensors and shapes (`x.chunk(2, 1)`, `x.split(4, 1)`); None for anything else (a tensor,
+        or a split of the batch dim, whose count would follow the example's batch size)."""
+        value = self.values.get(node)
+        fixed = node in self.static or (node.op in ("call_function", "call_method") and all(
+            n in self.static or isinstance(self.values.get(n), torch.Tensor) for n in node.all_input_nodes))
+        if not fixed or not isinstance(value, (tuple, list)):
+            return None
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name in _SPLIT_DIM_AT:
+            at, source = _SPLIT_DIM_AT[name], self.values.get(node.args[0]) if node.args else None
+            dim = node.kwargs.get("dim", node.args[at] if len(node.args) > at else 0)
+            if not isinstance(source, torch.Tensor) or not isinstance(dim, int) or dim % max(source.ndim, 1) == 0:
+                return None
+        return len(value)
+
     def iter(self, obj: fx.Proxy) -> Any:
-        if obj.node in self.static and isinstance(self.values[obj.node], (tuple, list)):
-            return iter([obj[i] for i in range(len(self.values[obj.node]))])
+        n = self.fixed_length(obj.node)
+        if n is not None:  # `list(x.chunk(2, 1))`, `for part in x.split(4, 1)`
+            return iter([obj[i] for i in range(n)])
         return super().iter(obj)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:

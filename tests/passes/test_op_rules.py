@@ -238,6 +238,7 @@ ELEMENTWISE = [
     sw(".type_as()", fn(lambda x: x.type_as(x)), True, [Method("type_as")]),
     *(sw(f".{m}()", fn(lambda x, m=m: getattr(x, m)()), False, [Method(m)])
       for m in ("sigmoid", "sigmoid_", "exp", "exp_")),
+    sw(".bernoulli_(0.5)", fn(lambda x: x.bernoulli_(0.5)), False, [Method("bernoulli_")]),
     sw(".clamp(min=-1)", fn(lambda x: x.clamp(min=-1.0)), True, [Method("clamp")]),
     sw(".clamp(0.1, 1)", fn(lambda x: x.clamp(0.1, 1.0)), False, [Method("clamp")]),
     sw(".clamp_(max=1)", fn(lambda x: x.clamp_(max=1.0)), True, [Method("clamp_")]),
@@ -310,6 +311,10 @@ SPATIAL = [
          [getattr(torch, name)]) for name in ("mean", "sum", "amax", "amin", "std", "var")),
     *(sw(f".{name}-spatial", fn(lambda x, name=name: getattr(x, name)(dim=(-2, -1), keepdim=True)), True,
          [Method(name)]) for name in ("mean", "sum", "amax", "amin", "std", "var")),
+    sw(".max-spatial", fn(lambda x: x.max(dim=-1, keepdim=True)[0]), True, [Method("max"), operator.getitem]),
+    sw(".min-spatial", fn(lambda x: x.min(2, keepdim=True).values), True, [Method("min"), getattr]),
+    sw("torch.max-spatial", fn(lambda x: torch.max(x, 3, True).values), True, [torch.max]),
+    sw("torch.min-spatial", fn(lambda x: torch.min(x, dim=-2, keepdim=True)[0]), True, [torch.min]),
     # normalisation of each channel on its own
     sw("LayerNorm-spatial", lambda: nn.LayerNorm([6, 6]), False, [nn.LayerNorm]),
     sw("LayerNorm-spatial-nobias", lambda: nn.LayerNorm([6, 6], bias=False), True, [nn.LayerNorm]),
@@ -880,6 +885,14 @@ def test_operands_with_channels_on_different_dims_pin() -> None:
     assert_pinned(space(ato, "conv1"), "channels lie on different dims")
 
 
+def test_max_of_everything_or_of_two_tensors_pins() -> None:
+    """`x / x.max()` depends on every channel; `torch.max(a, b)` (elementwise) is not followed."""
+    assert_pinned(space(analyse(Sandwich(lambda x: x / x.max()), SHAPES[2], [Method("max")]), "conv1"),
+                  "max() over the channel dim")
+    ato = analyse(TwoBranches(lambda a, b: torch.max(a, b)), SHAPES[2], [torch.max])
+    assert_pinned(space(ato, "ca"), "elementwise max() of two tensors")
+
+
 class SE(nn.Module):
     """conv -> x * sigmoid(fc2(relu(fc1(pool(x))))) -> conv2, the squeeze-excitation block."""
 
@@ -968,6 +981,19 @@ def test_per_channel_parameter_operand(op: Callable, shape: tuple, parameter: bo
 def test_computed_per_channel_operand_pins() -> None:
     ato = analyse(Scaled(lambda x, s: x * s.abs(), (8, 1, 1), True), SHAPES[2], [operator.mul])
     assert_pinned(space(ato, "conv"), "computed per-channel tensor that cannot be sliced")
+
+
+@pytest.mark.parametrize("new", ["new_empty", "new_zeros", "new_ones", "new_full"])
+def test_a_tensor_made_by_new_carries_no_channels(new: str) -> None:
+    """Drop-path as users copy it, `x * x.new_empty((n, 1, 1, 1)).bernoulli_(p)`: the stream stays prunable."""
+
+    def drop_path(x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[0], 1, 1, 1)
+        return x * getattr(x, new)(*((size, 1.0) if new == "new_full" else (size,))).bernoulli_(0.8) / 0.8
+
+    ato = analyse(Sandwich(drop_path), SHAPES[2], cover(Method(new), Method("bernoulli_")))
+    assert not space(ato, "conv1").pinned, space(ato, "conv1").reason
+    assert not ato.zigs.facts.unknown_ops
 
 
 # ---------------------------------------------------------------- cat, split, chunk, getitem, pad
@@ -1200,7 +1226,9 @@ def test_permute_moves_the_channel_dim(to_last: Callable, keys: tuple) -> None:
     (lambda x: torch.amin(x, 1, keepdim=True), (torch.amin,), "amin() over the channel dim"),
     (lambda x: x.std(1, keepdim=True), (Method("std"),), "std() over the channel dim"),
     (lambda x: torch.var(x, dim=1, keepdim=True), (torch.var,), "var() over the channel dim"),
-], ids=["sum", "sum-after-sigmoid", "mean", "mean-2-dims", "amax", "amin", "std", "var"])
+    (lambda x: x.max(1, keepdim=True)[0], (Method("max"),), "max() over the channel dim"),
+    (lambda x: torch.min(x, dim=1, keepdim=True).values, (torch.min,), "min() over the channel dim"),
+], ids=["sum", "sum-after-sigmoid", "mean", "mean-2-dims", "amax", "amin", "std", "var", "max", "min"])
 def test_reduction_over_channels(reduce: Callable, keys: tuple, reason: str | None) -> None:
     """A sum over channels only needs dropped channels to be zero; a mean or max depends on the width."""
     m = Sandwich(reduce)

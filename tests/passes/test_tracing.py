@@ -205,3 +205,45 @@ def test_same_padding_is_folded_into_literals_inside_the_layer() -> None:
 def test_a_branch_on_tensor_values_is_still_refused_with_shapes_known() -> None:
     text = str(_trace_error(Branchy()))
     assert "data-dependent control flow" in text and "move the branch into a submodule" in text
+
+
+class ChunkList(nn.Module):
+    """YOLOv8's C2f: `list(x.chunk(2, 1))`, then stages appended and all concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 1)
+        self.m = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.conv1(x).chunk(2, 1))
+        y.append(torch.relu(self.m(y[-1])))
+        return self.conv2(torch.cat(y, 1))
+
+
+def test_a_list_of_chunks_iterates_with_the_example_length() -> None:
+    model = ChunkList().eval()
+    with pytest.raises(TraceError, match="iteration over a tensor"):
+        trace(model)
+    x = example()
+    ato = atofx.compile(model, x)
+    assert torch.allclose(ato.graph_module(x), model(x))
+    assert any(not s.pinned for s in ato.spaces if "conv1" in s.producers)
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))  # the equivalence check runs inside
+    assert small.conv1.out_channels < 8
+
+
+class PerSample(nn.Module):
+    """Iterates over the batch: the count would be baked in from the example's batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(list(self.conv(x).unbind(0)))
+
+
+def test_a_list_of_batch_slices_is_still_refused() -> None:
+    assert "iteration over a tensor" in str(_trace_error(PerSample()))
