@@ -376,17 +376,21 @@ def conv_output_shape(m: nn.Module, x: torch.Tensor) -> list[int] | None:
     return None if sizes is None else [x.shape[0], m.out_channels, *sizes]
 
 
-def _patch_groups(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
-    """A functional grouped conv's literal `groups` becomes the number of whole groups kept."""
-    lay, old = layouts.get(node.args[0].name), _literal(node, 6, "groups")
-    old = 1 if old is None else old
+def _patch_group_count(node: fx.Node, layouts: dict[str, Any], kept: Kept, at: int, name: str) -> bool:
+    """A literal count of channel groups (argument `at`, keyword `name`) becomes the number of whole groups kept."""
+    lay, old = layouts.get(node.args[0].name), _literal(node, at, name)
     if not isinstance(lay, ChannelLayout) or not isinstance(old, int) or old <= 1:
-        return False
+        return False  # absent or 1: one group, which stays one group
     new = int(kept(lay).sum()) // (lay.width // old)
     if new == old:
         return False
-    _set_literal(node, 6, "groups", new)
+    _set_literal(node, at, name, new)
     return True
+
+
+def _patch_groups(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
+    """A functional grouped conv's literal `groups` becomes the number of whole groups kept."""
+    return _patch_group_count(node, layouts, kept, 6, "groups")
 
 
 def linear(ctx: RuleContext) -> Any:
@@ -553,14 +557,7 @@ def group_norm_surgery(m: nn.GroupNorm, r: Removal) -> set[tuple[str, int]]:
 
 def _patch_num_groups(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
     """F.group_norm's literal `num_groups` becomes the number of whole groups kept."""
-    lay, old = layouts.get(node.args[0].name), _literal(node, 1, "num_groups")
-    if not isinstance(lay, ChannelLayout) or not isinstance(old, int):
-        return False
-    new = int(kept(lay).sum()) // (lay.width // old)
-    if new == old:
-        return False
-    _set_literal(node, 1, "num_groups", new)
-    return True
+    return _patch_group_count(node, layouts, kept, 1, "num_groups")
 
 
 def layer_norm(ctx: RuleContext) -> Any:

@@ -106,11 +106,16 @@ def sweep_model(name: str, size: int, keep: float = KEEP, seed: int = SEED) -> d
         dense, masked = ato.flops(), ato.flops(mask)
         small = ato.prune(mask)  # raises EquivalenceError when the pruned model differs
         row.update(status="ok", flops_removed=1 - masked / dense, pruned_class=type(small).__name__)
-    except atofx.AtofxError as exc:
-        row.update(status=type(exc).__name__, error=_first_line(exc))
-    except Exception as exc:  # a raw exception is an atofx bug: the row says which
-        row.update(status=f"raw {type(exc).__name__}", error=_first_line(exc))
+    except Exception as exc:
+        row.update(failed_row(exc))
     return row
+
+
+def failed_row(exc: BaseException) -> dict:
+    """A failed sweep row's status and error: the AtofxError's class, or `raw <class>` for any other exception
+    (an atofx bug), and the error's first line."""
+    status = type(exc).__name__ if isinstance(exc, atofx.AtofxError) else f"raw {type(exc).__name__}"
+    return {"status": status, "error": _first_line(exc)}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from atofx.passes.equivalence import relative_difference
 from atofx.passes.values import evaluating
+from bench_timm import failed_row
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from user_cnns import Entry, zoo
@@ -102,10 +103,8 @@ def sweep_model(entry: Entry, keep: float = KEEP, seed: int = SEED) -> dict:
             row.update(prune_and_compare(ato, entry.inputs(seed + 1), keep, seed))
         else:
             row.update(status="ok", flops_pruned=row["flops_dense"], flops_removed=0.0)
-    except atofx.AtofxError as exc:
-        row.update(status=type(exc).__name__, error=_first_line(exc))
-    except Exception as exc:  # a raw exception is an atofx bug: the row says which
-        row.update(status=f"raw {type(exc).__name__}", error=_first_line(exc))
+    except Exception as exc:
+        row.update(failed_row(exc))
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -127,11 +126,6 @@ def prune_and_compare(ato: atofx.ATOModel, fresh: tuple, keep: float, seed: int)
     if not exact:
         out["error"] = f"eval diff {out['eval_diff']:.3g}, train diff {out['train_diff']:.3g}"
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _cells(row: dict) -> list[str]:
