@@ -10,8 +10,6 @@ from tests.bench_tools import load_tool
 
 pytest.importorskip("timm")
 
-
-
 bench_timm = load_tool("bench_timm")
 
 
@@ -21,7 +19,7 @@ def test_sweep_writes_a_row_per_model(tmp_path):
     payload = json.loads(out.read_text())
     (row,) = payload["rows"]
     assert row["status"] == "ok" and row["prunable"] > 0 and 0 < row["flops_removed"] < 1
-    assert payload["exact"] == payload["built"] == 1
+    assert payload["exact"] == payload["built"] == 1 and row["input"] == [2, 3, 32, 32]
 
 
 def test_sample_starts_with_the_required_models_and_is_fixed_by_the_seed():
@@ -31,3 +29,10 @@ def test_sample_starts_with_the_required_models_and_is_fixed_by_the_seed():
     assert first[: len(bench_timm.REQUIRED)] == bench_timm.REQUIRED
     assert len(first) == len(bench_timm.REQUIRED) + 2
     assert first == bench_timm.sample(names, 2, seed=0, max_params=30e6)
+
+
+def test_a_model_too_big_for_the_input_is_tried_at_twice_the_size():
+    row = bench_timm.sweep_model("inception_v3", 32)  # its stem needs at least 75x75: 64 is still too small
+    assert row["status"] == "does not run at this input" and row["input"] == [2, 3, 32, 32]
+    row = bench_timm.sweep_model("resnet10t", 16)
+    assert row["status"] == "ok" and row["input"] == [2, 3, 16, 16]

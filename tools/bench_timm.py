@@ -1,11 +1,16 @@
 """Zoo sweep: does every timm CNN compile and prune exactly? A fixed-seed sample of timm's CNNs at a small input.
 
 Each model (the sample: at most 60M parameters, so that the sweep fits a laptop) is built without pretrained
-weights (seeded), compiled on one small batch, pruned with a seeded
-random mask that drops a third of every prunable space, and the pruned model checked against the masked
-one (`ATOModel.prune`'s equivalence check, max relative difference 1e-5). A row records the outcome
-(`ok`, or the error's class and first line), the channel spaces, and the FLOPs the mask removes.
+weights (seeded), compiled on one small batch (64x64; 128x128 for a model whose stem needs more, like
+Inception's), pruned with a seeded random mask that drops a third of every prunable space, and the pruned
+model checked against the masked one (`ATOModel.prune`'s equivalence check, max relative difference 1e-5).
+A row records the outcome (`ok`, or the error's class and first line), the channel spaces, and the FLOPs
+the mask removes.
 Transformers and other attention-first families are left out. Needs timm (`pip install -e .[dev]`).
+
+One torch thread by default: the inputs are tiny, and two OpenMP threads on a machine whose other core is
+busy made a forward pass of regnetx_016 take ~17 s instead of 0.04 (threads waiting on each other at every
+op), so the 69-model sweep, once ~3 minutes a model, takes 109 s of CPU in all (2026-11-30, 2-core VM).
 
     python tools/bench_timm.py --json timm-sweep.json            # 60 sampled CNNs + the named ones
     python tools/bench_timm.py --all --json timm-all.json        # every CNN that builds at the input size
@@ -86,14 +91,19 @@ def sweep_model(name: str, size: int, keep: float = KEEP, seed: int = SEED) -> d
     row: dict = {"model": name, "input": [2, 3, size, size]}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    except Exception as exc:  # some names need arguments or a bigger input: not a result about atofx
+    except Exception as exc:  # some names need arguments: not a result about atofx
         return row | {"status": "does not build", "error": _first_line(exc)}
-    x = torch.randn(2, 3, size, size)
-    try:
-        with torch.no_grad():
-            model(x)
-    except Exception as exc:
-        return row | {"status": "does not run at this input", "error": _first_line(exc)}
+    for side in (size, 2 * size):  # Inception's stems need at least 75x75
+        x = torch.randn(2, 3, side, side)
+        try:
+            with torch.no_grad():
+                model(x)
+            break
+        except Exception as exc:
+            failure = _first_line(exc)
+    else:
+        return row | {"status": "does not run at this input", "error": failure}
+    row["input"] = list(x.shape)
     start = time.perf_counter()
     try:
         ato = atofx.compile(model, x)
@@ -139,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=SIZE, help=f"input height and width (default {SIZE})")
     parser.add_argument("--max-params", type=float, default=MAX_PARAMS,
                         help=f"sample only models with at most this many parameters (default {MAX_PARAMS:.0e})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the docstring)")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     names = args.models or (cnn_names() if args.all else sample(cnn_names(), args.count, args.seed, args.max_params))
     rows = []
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     built = [r for r in rows if r["status"] not in ("does not build", "does not run at this input")]
     exact = [r for r in built if r["status"] == "ok"]
     print(format_table(["model", "status", "prunable/spaces", "FLOPs removed", "error"], [_cells(r) for r in rows]))
-    print(f"{len(exact)} of {len(built)} timm CNNs that build at {args.size}x{args.size} compile and prune exactly "
+    print(f"{len(exact)} of {len(built)} timm CNNs that build and run at {args.size}x{args.size} (or twice that) "
+          f"compile and prune exactly "
           f"(random mask keeping {KEEP:.0%} of every space, seed {args.seed}; torch {torch.__version__})")
     if args.json:
         machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,

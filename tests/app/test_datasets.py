@@ -275,12 +275,36 @@ def test_fashion_mnist_reads_the_idx_files_in_place(tmp_path, compress):
 
 
 def test_fashion_mnist_training_split_is_augmented(tmp_path):
-    write_fashion_mnist(tmp_path)
+    written = write_fashion_mnist(tmp_path)
     data = load_images("fashion-mnist", tmp_path, 28)
     torch.manual_seed(0)
     draws = [data.train[0][0] for _ in range(6)]  # random crop with padding 2 and flips: not all the same
     assert all(d.shape == (1, 28, 28) for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    plain = data.unaugmented_train()  # the validation split carved from training images: never augmented
+    expected = (torch.from_numpy(written["train"][0][4]).float() / 255 - datasets.FASHION_MNIST_MEAN[0]) / \
+        datasets.FASHION_MNIST_STD[0]
+    assert torch.allclose(plain[4][0][0], expected, atol=1e-6) and plain[4][1] == int(written["train"][1][4])
+    assert any(not torch.equal(data.train[4][0], plain[4][0]) for _ in range(4))
+
+
+def test_fashion_mnist_batches_are_fetched_whole_and_match_single_images(tmp_path):
+    write_fashion_mnist(tmp_path)
+    data = load_images("fashion-mnist", tmp_path, 28)
+    val = torch.utils.data.Subset(data.val, [7, 2, 5])
+    x, y = next(iter(torch.utils.data.DataLoader(val, batch_size=3)))  # through __getitems__
+    assert x.shape == (3, 1, 28, 28) and y.dtype == torch.int64
+    for k, i in enumerate([7, 2, 5]):
+        assert torch.equal(x[k], data.val[i][0]) and y[k] == data.val[i][1]
+
+
+def test_cifar_unaugmented_train_only_normalises(tmp_path, monkeypatch):
+    written = write_cifar10(tmp_path, monkeypatch)
+    data = load_images("cifar10", tmp_path, size=32)
+    x, y = data.unaugmented_train()[PER_BATCH + 5]
+    train_data, train_labels = written["data_batch_2"]
+    assert y == train_labels[5]
+    torch.testing.assert_close(x, _normalised(train_data[5], datasets.CIFAR_MEAN, datasets.CIFAR_STD))
 
 
 def test_fashion_mnist_survives_pickling_for_loader_workers(tmp_path):
