@@ -39,8 +39,9 @@ Protocols (`--dataset`):
   same for every method: one training step of ResNet-14 at batch 128 on one thread takes 294 ms instead of
   449. Measured 2026-11-30 on the quiet machine, --quick --jobs 2: 1,429 s (23.8 minutes; the budget is 20:
   missed by 19%), dense 90.51%, one ATO run 645 s, static 483 s, a Torch-Pruning run 431-459 s with its
-  shared first half. Cutting the last 19% means ~0.8x the image-epochs, which the points above say risks
-  the 90% dense floor (not measured for ResNet-14): it is reported as a miss instead.
+  shared first half. Cutting the last 19% by training on fewer images risks the 90% dense floor (see above),
+  so the images are now augmented a batch at a time (`atofx.app.batch_augmentation`, the same crops and
+  flips): torchvision's per-image transforms took ~48 ms of a core per batch of 128, ~14% of a training step.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
