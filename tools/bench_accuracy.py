@@ -61,7 +61,6 @@ import argparse
 import copy
 import datetime
 import hashlib
-import io
 import json
 import os
 import platform
@@ -230,7 +229,7 @@ def run_task(task: dict) -> dict:
             pruner = _tp_pruner("tp_group_norm", model, example, 0.5)
             before_step = lambda: pruner.regularize(model)  # noqa: E731  (Torch-Pruning: after backward)
         train_plain(model, train, half, device, seed, before_step=before_step)
-        result["state"] = _state_bytes(model)
+        result["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
     elif method in ("ato", "static"):
         ato = atofx.compile(model, (example,))
         history = ato.train(train, epochs, target_flops=1.0 - target, method=method,
@@ -242,9 +241,11 @@ def run_task(task: dict) -> dict:
                                                                 "mask_bits_changed", "flops_kept")}
         result["zigs_revived_max"] = max(result["zigs"]["zigs_revived"])
     elif method in TP_METHODS:
-        model.load_state_dict(torch.load(io.BytesIO(task["state"]), weights_only=True))
+        model.load_state_dict(task["state"])
         small, kept = tp_prune_to_flops(method, model, example, 1.0 - target, seed)
-        small = small.to(memory_format=torch.channels_last)  # Torch-Pruning's slices come back contiguous
+        # fine-tuned in the contiguous format Torch-Pruning's slices come back in, not channels-last: with torch
+        # 2.14.1 the channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels (a pruned
+        # shortcut) at 28x28 corrupts the heap or segfaults (`free(): invalid next size`, the dead workers)
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
         result.update(flops_kept=kept, **scores(small))
     else:
@@ -255,17 +256,6 @@ def run_task(task: dict) -> dict:
         print(f"  {method:13s} seed {seed} target {target:.2f}: {result['accuracy']:.2f}% at "
               f"{result['flops_kept']:.3f} of FLOPs ({result['seconds_total']:.0f} s)", file=sys.stderr, flush=True)
     return result
-
-
-def _state_bytes(model: nn.Module) -> bytes:
-    """A first half's weights as `torch.save` bytes for the process pool. Tensors handed between processes go
-    through torch's shared-memory sharing (their storages moved to shared memory in place); with the tensors,
-    pool workers died of heap corruption (`free(): invalid next size`) 4 times on 2026-11-30, each time around
-    the sparse first halves and their second halves, and never when the same tasks ran in one process.
-    Bytes keep the pool to plain pickling."""
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
-    return buffer.getvalue()
 
 
 def _first_half(method: str) -> str:
