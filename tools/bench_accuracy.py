@@ -42,6 +42,10 @@ Protocols (`--dataset`):
   shared first half. Cutting the last 19% by training on fewer images risks the 90% dense floor (see above),
   so the images are now augmented a batch at a time (`atofx.app.batch_augmentation`, the same crops and
   flips): torchvision's per-image transforms took ~48 ms of a core per batch of 128, ~14% of a training step.
+  One exception to channels-last: a Torch-Pruning model is fine-tuned in the contiguous format its pruner
+  returns. torch 2.14.1's channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels at
+  28x28 (a pruned shortcut) corrupts the heap (`Conv2d(7, 16, 1, 2)`, one backward, reproduced 2026-11-30);
+  that is what killed the workers of the first 3-seed run.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
