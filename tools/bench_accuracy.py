@@ -42,6 +42,9 @@ Protocols (`--dataset`):
   shared first half. Cutting the last 19% by training on fewer images risks the 90% dense floor (see above),
   so the images are now augmented a batch at a time (`atofx.app.batch_augmentation`, the same crops and
   flips): torchvision's per-image transforms took ~48 ms of a core per batch of 128, ~14% of a training step.
+  Measured 2026-11-30 on the quiet machine, --quick --jobs 2: 1,224 s (the budget is 1,200: missed by 2%),
+  dense 387 s, ATO 532, static 415, a Torch-Pruning run 400-422 with its first half; the full table from
+  these run times ~1.6 hours (not measured end to end).
   One exception to channels-last: a Torch-Pruning model is fine-tuned in the contiguous format its pruner
   returns. torch 2.14.1's channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels at
   28x28 (a pruned shortcut) corrupts the heap (`Conv2d(7, 16, 1, 2)`, one backward, reproduced 2026-11-30);
