@@ -250,9 +250,7 @@ def run_task(task: dict) -> dict:
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
         small, kept = tp_prune_to_flops(method, model, example, 1.0 - target, seed)
-        # fine-tuned in the contiguous format Torch-Pruning's slices come back in, not channels-last: with torch
-        # 2.14.1 the channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels (a pruned
-        # shortcut) at 28x28 corrupts the heap or segfaults (`free(): invalid next size`, the dead workers)
+        # kept in the contiguous format the pruner returns: channels-last crashes torch 2.14.1 here (docstring)
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
         result.update(flops_kept=kept, **scores(small))
     else:

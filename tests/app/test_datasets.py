@@ -258,6 +258,11 @@ def write_fashion_mnist(root: Path, train: int = 30, test: int = 10, compress: b
     return written
 
 
+def _fashion_normalised(image: np.ndarray) -> torch.Tensor:
+    """A 28x28 uint8 image as Fashion-MNIST's unaugmented splits give it (the channel dim left out)."""
+    return (torch.from_numpy(image).float() / 255 - datasets.FASHION_MNIST_MEAN[0]) / datasets.FASHION_MNIST_STD[0]
+
+
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_reads_the_idx_files_in_place(tmp_path, compress):
     written = write_fashion_mnist(tmp_path, compress=compress)
@@ -266,7 +271,7 @@ def test_fashion_mnist_reads_the_idx_files_in_place(tmp_path, compress):
     assert (len(data.train), len(data.val), data.classes, data.channels, data.size) == (30, 10, 10, 1, 28)
     images, labels = written["t10k"]
     x, y = data.val[3]  # no augmentation on the test split: exactly the normalised pixels
-    expected = (torch.from_numpy(images[3]).float() / 255 - datasets.FASHION_MNIST_MEAN[0]) / datasets.FASHION_MNIST_STD[0]
+    expected = _fashion_normalised(images[3])
     assert x.shape == (1, 28, 28) and y == int(labels[3])
     assert torch.allclose(x[0], expected, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # read where they are: nothing written
@@ -282,8 +287,7 @@ def test_fashion_mnist_training_split_is_augmented(tmp_path):
     assert all(d.shape == (1, 28, 28) for d in draws)
     assert any(not torch.equal(draws[0], d) for d in draws[1:])
     plain = data.unaugmented_train()  # the validation split carved from training images: never augmented
-    expected = (torch.from_numpy(written["train"][0][4]).float() / 255 - datasets.FASHION_MNIST_MEAN[0]) / \
-        datasets.FASHION_MNIST_STD[0]
+    expected = _fashion_normalised(written["train"][0][4])
     assert torch.allclose(plain[4][0][0], expected, atol=1e-6) and plain[4][1] == int(written["train"][1][4])
     assert any(not torch.equal(data.train[4][0], plain[4][0]) for _ in range(4))
 
