@@ -33,16 +33,24 @@ def _require_onnx() -> Any:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any, check: bool = True) -> float | None:
-    """Write `model` (eval mode) as ONNX to `path`, with a dynamic batch dim on every input.
+    """Write `model` in eval mode as ONNX to `path`, with a dynamic batch dim on every input.
 
     With `check`, runs the file with onnx's reference evaluator on the example inputs and raises AtofxError if its
     outputs differ from PyTorch's by more than 1e-4 (relative max-abs); returns that difference (None unchecked).
+    Every submodule's train/eval mode is what it was before the call.
     """
     onnx = _require_onnx()
-    path = Path(path)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return _export_checked(onnx, model.eval(), Path(path), example_inputs, check)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _export_checked(onnx: Any, model: nn.Module, path: Path, example_inputs: Any, check: bool) -> float | None:
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
-    model = model.eval()
     batch = torch.export.Dim("batch")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

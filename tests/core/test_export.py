@@ -50,6 +50,17 @@ def test_export_onnx_of_the_users_classes_returns_the_difference(saved, tmp_path
     assert export_onnx(small, tmp_path / "m.onnx", x) <= 1e-4
 
 
+def test_export_onnx_gives_back_the_model_in_the_modes_it_had(saved, tmp_path):
+    pytest.importorskip("onnxscript")
+    _, small, x = saved
+    small.train()
+    frozen = next(m for m in small.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # a user's frozen BN
+    export_onnx(small, tmp_path / "m.onnx", x, check=False)
+    assert small.training and not frozen.training
+    assert sum(not m.training for m in small.modules()) == 1
+    small.eval()
+
+
 def test_without_the_onnx_packages_the_error_says_what_to_install(saved, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
     assert cli.main(["export", str(saved[0]), str(tmp_path / "m.onnx")]) == cli.EXIT_ERROR
