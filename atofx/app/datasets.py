@@ -10,7 +10,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -26,6 +26,13 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # over the 60,000 training images
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where `apt-get install dataset-fashion-mnist` puts it
+
+
+@runtime_checkable
+class BatchAugmented(Protocol):
+    """A training set that augments whole batches itself (no per-image `transform` to swap)."""
+
+    def without_augmentation(self) -> Dataset: ...
 
 
 @dataclass
@@ -45,7 +52,7 @@ class ImageData:
     def unaugmented_train(self) -> Dataset:
         """The training images as `val` presents them (normalised, not augmented): for a validation split
         carved from the training set."""
-        if hasattr(self.train, "without_augmentation"):  # batch-augmented (fashion-mnist)
+        if isinstance(self.train, BatchAugmented):  # fashion-mnist
             return self.train.without_augmentation()
         plain = copy.copy(self.train)
         plain.transform = self.val.transform  # type: ignore[attr-defined]  # torchvision's per-image transforms
@@ -204,7 +211,10 @@ def fashion_mnist_split(root: Path, train: bool, augment: bool) -> Dataset:
             return list(zip(x.unbind(0), self.targets[indices].tolist(), strict=True))
 
         def without_augmentation(self) -> Dataset:
-            return fashion_mnist_split(root, train, augment=False)
+            """The same images and tensors, not augmented (the files are not read again)."""
+            plain = object.__new__(type(self))  # not copy.copy: it would go through __reduce__, re-reading them
+            plain.__dict__.update(self.__dict__, augment=False)
+            return plain
 
     return _Files()
 

@@ -290,6 +290,9 @@ def test_fashion_mnist_training_split_is_augmented(tmp_path):
     expected = _fashion_normalised(written["train"][0][4])
     assert torch.allclose(plain[4][0][0], expected, atol=1e-6) and plain[4][1] == int(written["train"][1][4])
     assert any(not torch.equal(data.train[4][0], plain[4][0]) for _ in range(4))
+    assert plain.data is data.train.data  # the same tensors: the files are not read again
+    rebuilt = pickle.loads(pickle.dumps(plain))  # what a loader worker gets: still not augmented
+    assert all(torch.equal(rebuilt[4][0], plain[4][0]) for _ in range(3))
 
 
 def test_fashion_mnist_batches_are_fetched_whole_and_match_single_images(tmp_path):
