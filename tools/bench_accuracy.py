@@ -24,29 +24,15 @@ Protocols (`--dataset`):
   fixed 14,000-image subset of the training set; 5,000 other training images are the validation split
   (choices between options, e.g. the ATO ablations, are made on it); the 10,000 test images are reported.
   Why this size: the full table (3 seeds x 6 methods x 50/70% pruned: 27 trainings with the shared first
-  halves) must fit 2 hours with --jobs 2 and --quick (1 seed, 50%) 20 minutes, which leaves about 6
-  minutes of one core per dense run. One core trains 60,000 images in ~3.9 min (ResNet-20), 2.5 (ResNet-14)
-  or 1.3 (ResNet-8); ResNet-20 needs ~160k image-epochs for 90% (8 x 20k: 90.0%), over budget. Measured
-  2026-11-29 (seed 0, the full test set): ResNet-14, 10 x 15,000 images: 90.68%; ResNet-8, 10 x 25,000:
-  90.52%; both ~6 min of a quiet core. ResNet-14 has twice the prunable spaces (6 block-internal, 3
-  streams), so it is the benchmark model; 10 epochs give ATO's controller a 4-epoch window. First timing
-  (2026-11-29, --quick --jobs 2 beside other jobs, load average 5-9): 1,623 s. On the quiet machine
-  (2026-11-30, --jobs 2, only low-priority work beside it) one ATO or static run took 694-697 s: two runs at
-  once share the two hyper-threads and each goes at about half speed, so --jobs 2 gains little over one job
-  (a profile of one run: backward 57%, forward 32%, reading and augmenting images 11%): --quick ~32 minutes,
-  the full table ~2.6 hours. Rather than train on fewer images (which costs dense accuracy: ResNet-20 at
-  8 x 20,000 images 90.0%, 4 x 12,000 85.9%), every model now trains in channels-last memory format, the
-  same for every method: one training step of ResNet-14 at batch 128 on one thread takes 294 ms instead of
-  449. Measured 2026-11-30 on the quiet machine, --quick --jobs 2: 1,429 s (23.8 minutes; the budget is 20:
-  missed by 19%), dense 90.51%, one ATO run 645 s, static 483 s, a Torch-Pruning run 431-459 s with its
-  shared first half. Cutting the last 19% by training on fewer images risks the 90% dense floor (see above),
-  so the images are now augmented a batch at a time (`atofx.app.batch_augmentation`, the same crops and
-  flips): torchvision's per-image transforms took ~48 ms of a core per batch of 128, ~14% of a training step.
-  Measured 2026-11-30 on the quiet machine, --quick --jobs 2: 1,224 s (the budget is 1,200: missed by 2%),
-  dense 387 s, ATO 532, static 415, a Torch-Pruning run 400-422 with its first half; the full table from
-  these run times ~1.6 hours (not measured end to end). The last 2% is bought with images: the training
-  subset went from 15,000 to 14,000 (2026-11-30), about 7% less time for every run; the dense figures above
-  (90.38% over 3 seeds at 15,000) leave room for the ~0.1 point this is expected to cost.
+  halves) must fit 2 hours with --jobs 2, --quick (1 seed, 50%) 20 minutes, and dense must reach 90% on the
+  test set. ResNet-14 has twice ResNet-8's prunable spaces (6 block-internal, 3 streams) and ResNet-20 needs
+  ~160k image-epochs for 90%, over budget; 10 epochs give ATO's controller a 4-epoch window. Fewer images
+  cost accuracy (ResNet-20, 4 x 12,000 images: 85.9%), so time is bought first without changing the
+  arithmetic: every model trains in channels-last memory format (a ResNet-14 step at batch 128 on one
+  thread: 449 -> 294 ms) and images are augmented a batch at a time (`atofx.app.batch_augmentation`: ~48 ->
+  ~2 ms a batch of 128). That left --quick at 1,224 s, 2% over, at 15,000 images. At 14,000 (2026-11-30,
+  the quiet 2-core VM, --jobs 2): --quick 1,070 s, the full table 5,311 s (1.5 h: the quick runs, then the
+  rest reading them from the run store), dense 90.50%. docs/design-notes.md has the history.
   One exception to channels-last: a Torch-Pruning model is fine-tuned in the contiguous format its pruner
   returns. torch 2.14.1's channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels at
   28x28 (a pruned shortcut) corrupts the heap (`Conv2d(7, 16, 1, 2)`, one backward, reproduced 2026-11-30);
