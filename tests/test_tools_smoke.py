@@ -296,3 +296,17 @@ def test_lockstep_goes_on_past_an_early_finish_and_reraises_a_failure():
     with pytest.raises(RuntimeError, match="b failed"):
         bench_overhead.Lockstep(3).run(epochs, [0, 1, 2, 3])
     assert log == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("c", 2), ("c", 3)]
+
+
+def test_paired_differences_are_per_seed():
+    runs = _runs([("ato", 0.5, 0.5, 90.0), ("ato", 0.5, 0.5, 91.0), ("static", 0.5, 0.5, 90.5), ("static", 0.5, 0.5, 90.5)])
+    for r, seed in zip(runs, (0, 1, 0, 1), strict=True):
+        r["seed"] = seed
+    (pair,) = bench_accuracy.paired(runs, (0.5,))
+    assert pair["method"] == "static" and pair["seeds"] == [0, 1]
+    assert pair["test"] == pytest.approx([-0.5, 0.5]) and pair["val"] == pytest.approx([-0.5, 0.5])
+    assert "-0.50/+0.50 (mean +0.00)" in bench_accuracy.paired_lines([pair])[0]
+    runs[0]["val_accuracy"] = None  # a run without a validation split: no validation difference
+    assert bench_accuracy.paired(runs, (0.5,))[0]["val"] is None
+    # a baseline at other seeds only pairs with nothing
+    assert bench_accuracy.paired([runs[0], {**runs[2], "seed": 7}], (0.5,)) == []

@@ -398,6 +398,33 @@ def figures(rows: list[dict], targets: tuple[float, ...]) -> dict[str, bool]:
     return out
 
 
+def paired(runs: list[dict], targets: tuple[float, ...]) -> list[dict]:
+    """ATO minus each other pruning method, seed by seed (test and validation accuracy): a gap smaller than the
+    seed spread of the means can still hold at every seed, and one that flips sign between seeds is noise."""
+    by = {(r["method"], r["pruned_flops_target"], r["seed"]): r for r in runs}
+    out = []
+    for t in targets:
+        for m in PRUNED[1:]:
+            seeds = sorted(s for (method, target, s) in by if method == "ato" and target == t and (m, t, s) in by)
+            if not seeds:
+                continue
+            pairs = [(by[("ato", t, s)], by[(m, t, s)]) for s in seeds]
+            diff = {k: [a[k] - b[k] for a, b in pairs] if all(a.get(k) is not None and b.get(k) is not None
+                                                                for a, b in pairs) else None
+                    for k in ("accuracy", "val_accuracy")}
+            out.append({"method": m, "pruned_flops_target": t, "seeds": seeds, "test": diff["accuracy"],
+                        "val": diff["val_accuracy"]})
+    return out
+
+
+def paired_lines(pairs: list[dict]) -> list[str]:
+    def show(d: list[float] | None) -> str:
+        return "-" if d is None else f"{'/'.join(f'{v:+.2f}' for v in d)} (mean {statistics.mean(d):+.2f})"
+
+    return [f"ato - {p['method']} at {100 * p['pruned_flops_target']:.0f}% pruned, seeds {p['seeds']}: "
+            f"test {show(p['test'])}, val {show(p['val'])}" for p in pairs]
+
+
 def table(rows: list[dict]) -> str:
     cells = [[r["method"], "-" if r["method"] == "dense" else f"{100 * r['pruned_flops_target']:.0f}%",
               f"{r['flops_kept_mean']:.3f}", f"{r['acc_mean']:.2f}", f"{r['acc_std']:.2f}",
@@ -475,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = figures(rows, targets)
     for name, ok in checks.items():
         print(f"{name}: {'holds' if ok else 'does NOT hold'}")
+    pairs = paired(runs, targets)
+    print("\n".join(paired_lines(pairs)))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, {os.cpu_count()} CPU "
           f"cores; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
@@ -482,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                "python": platform.python_version(), "device": device_name, "load_average_before": load_before,
                "load_average_after": load_after}
-    payload = {"rows": rows, "runs": runs, "figures": checks, "epochs": protocol.epochs, "seeds": seeds,
+    payload = {"rows": rows, "runs": runs, "figures": checks, "paired": pairs, "epochs": protocol.epochs, "seeds": seeds,
                "model": protocol.model, "dataset": protocol.dataset, "protocol": asdict(protocol),
                "lam": args.lam, "ato_options": ato_options, "finetune_lr": args.finetune_lr, "jobs": args.jobs,
                "command": " ".join(["python tools/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
