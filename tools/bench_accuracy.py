@@ -404,17 +404,20 @@ def paired(runs: list[dict], targets: tuple[float, ...]) -> list[dict]:
     by = {(r["method"], r["pruned_flops_target"], r["seed"]): r for r in runs}
     out = []
     for t in targets:
-        for m in PRUNED[1:]:
+        for m in (m for m in PRUNED if m != "ato"):
             seeds = sorted(s for (method, target, s) in by if method == "ato" and target == t and (m, t, s) in by)
-            if not seeds:
-                continue
-            pairs = [(by[("ato", t, s)], by[(m, t, s)]) for s in seeds]
-            diff = {k: [a[k] - b[k] for a, b in pairs] if all(a.get(k) is not None and b.get(k) is not None
-                                                                for a, b in pairs) else None
-                    for k in ("accuracy", "val_accuracy")}
-            out.append({"method": m, "pruned_flops_target": t, "seeds": seeds, "test": diff["accuracy"],
-                        "val": diff["val_accuracy"]})
+            if seeds:
+                pairs = [(by[("ato", t, s)], by[(m, t, s)]) for s in seeds]
+                out.append({"method": m, "pruned_flops_target": t, "seeds": seeds,
+                            "test": _differences(pairs, "accuracy"), "val": _differences(pairs, "val_accuracy")})
     return out
+
+
+def _differences(pairs: list[tuple[dict, dict]], key: str) -> list[float] | None:
+    """a[key] - b[key] for each pair; None if any run lacks the value (no validation split)."""
+    if any(a.get(key) is None or b.get(key) is None for a, b in pairs):
+        return None
+    return [a[key] - b[key] for a, b in pairs]
 
 
 def paired_lines(pairs: list[dict]) -> list[str]:
@@ -503,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok in checks.items():
         print(f"{name}: {'holds' if ok else 'does NOT hold'}")
     pairs = paired(runs, targets)
-    print("\n".join(paired_lines(pairs)))
+    for line in paired_lines(pairs):
+        print(line)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, {os.cpu_count()} CPU "
           f"cores; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
