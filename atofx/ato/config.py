@@ -80,7 +80,8 @@ class ATOConfig:
     # epoch int(0.98 * T_end)
     controller_optimizer: str = "adam"
     head_bias: bool = True  # the controller's heads have a bias (official: none)
-    # the mask frozen at T_end: "bisect" raises the logit threshold until the FLOPs model meets the target;
+    # the mask frozen at T_end: "bisect" raises the logit threshold until the FLOPs model keeps at most the target;
+    # "fill" bisects, then keeps dropped ZIGs that are not yet zero again, best logits first, up to the target;
     # "controller" takes the controller's mask as it is; "dead" takes it and drops the kept ZIGs whose
     # parameters are all exactly zero (dead channels cost FLOPs and give nothing); neither bisects
     freeze_mask: str = "bisect"
@@ -157,7 +158,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampling": ("atofx", "official"),
     "regularizer": ("paper", "official"),
     "controller_optimizer": ("adam", "adamw"),
-    "freeze_mask": ("bisect", "controller", "dead"),
+    "freeze_mask": ("bisect", "fill", "controller", "dead"),
     "search_space": ("all", "internal"),
 }
 

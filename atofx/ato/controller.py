@@ -106,6 +106,20 @@ class Controller(nn.Module):
         """Deterministic binary masks (no noise): 1 where logits + offset > 0; for eval and freezing."""
         return {k: (logits + offset > 0).to(logits.dtype) for k, logits in self.forward().items()}
 
+    def optimizer(self, kind: str, lr: float) -> torch.optim.Optimizer:
+        """"adam": Adam; "adamw": AdamW with weight decay 1e-2 on the weights only (the authors' `group_weight`).
+
+        The fused kernel where torch has one: the controller has ~35 small tensors, and Adam's loop over them
+        cost more than their update (ResNet-20: 1.4 ms a step, fused 0.3 ms).
+        """
+        fused = next(self.parameters()).device.type in ("cpu", "cuda")
+        if kind == "adam":
+            return torch.optim.Adam(self.parameters(), lr=lr, fused=fused)
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        rest = [p for p in self.parameters() if p.ndim <= 1]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": 1e-2}, {"params": rest, "weight_decay": 0.0}],
+                                 lr=lr, fused=fused)
+
 
 def gated_spaces(analysis: Analysis, search_space: str) -> list[int]:
     """The indices of the spaces the controller gates: every prunable one ("all"), or those inside one block.

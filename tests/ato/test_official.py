@@ -243,6 +243,41 @@ def test_freeze_without_bisection_keeps_the_controllers_decision():
     assert int((controller.mask[first.index] != dead.mask[first.index]).sum()) == 1
 
 
+def _under_budget(freeze_mask: str):
+    """A mask that keeps about a quarter of the FLOPs for a 0.5 target: half the ZIGs of every space dropped, the
+    first two dropped ZIGs of each space dead (exactly zero), the rest alive."""
+    trainer = fresh().start_training(10, 0.5, freeze_mask=freeze_mask)
+    dead = {}
+    for s in trainer.ato.zigs.prunable:
+        half = s.width // 2
+        trainer.mask[s.index][half:] = 0.0
+        dead[s.index] = list(range(half, min(half + 2, s.width)))
+    with torch.no_grad():
+        trainer.params.zero_(trainer.params.keep_vector(
+            {k: torch.tensor([0.0 if i in d else 1.0 for i in range(len(trainer.mask[k]))]) for k, d in dead.items()}) == 0)
+    trainer.state.epoch = 4
+    trainer.end_epoch(4)
+    return trainer, dead
+
+
+def test_fill_keeps_live_dropped_zigs_again_up_to_the_target():
+    bisect, _ = _under_budget("bisect")
+    fill, dead = _under_budget("fill")
+    assert bisect.flops_kept() < fill.flops_kept() <= 0.5  # bisect leaves a mask under the budget as it is
+    for k, d in dead.items():
+        assert all(fill.mask[k][i] == 0 for i in d), k  # a dead ZIG never comes back
+        assert bool((fill.mask[k] >= bisect.mask[k]).all())  # nothing the controller kept is dropped
+    logits = fill.controller()
+    back = [(k, i) for k, m in fill.mask.items() for i in (m > bisect.mask[k]).nonzero().flatten().tolist()]
+    out = [(k, i) for k, m in fill.mask.items() for i in (m == 0).nonzero().flatten().tolist() if i not in dead[k]]
+    assert back and out  # the budget is met before every live ZIG is back
+    assert min(logits[k][i] for k, i in back) >= max(logits[k][i] for k, i in out)  # best logits first
+    k, i = max(out, key=lambda ki: logits[ki[0]][ki[1]])
+    trial = {j: v.double() for j, v in fill.mask.items()}
+    trial[k] = trial[k].clone().index_fill_(0, torch.tensor([i]), 1.0)
+    assert float(fill.flops(trial)) > 0.5 * fill.flops.total  # the next one would not fit
+
+
 # ------------------------------------------------------------------------------ 6: search space
 def test_internal_search_space_gates_block_internal_spaces_only():
     ato = fresh()
