@@ -89,7 +89,9 @@ PRUNED = METHODS[1:]
 TP_METHODS = ("tp_l1", "tp_group_norm", "random")
 PAPER_LAMBDA = 10.0
 TP_GROUP_NORM_REG = 5e-4  # Torch-Pruning's CIFAR benchmark default for group_sl
-FLOPS_TOLERANCE = 0.01  # a method meets a target when its mean FLOPs kept is at most target kept + 1 point
+# a method meets a target when its mean FLOPs kept is at most target kept + 1 point (within the budget), and
+# matches it when it is within 1 point either way (issue 13's "matched within 1%"; under it, a method prunes more)
+FLOPS_TOLERANCE = 0.01
 SPLIT_SEED = 0  # the training subset and validation split are the same images for every seed and method
 
 
@@ -379,7 +381,8 @@ def summarize(runs: list[dict], targets: tuple[float, ...]) -> list[dict]:
 def figures(rows: list[dict], targets: tuple[float, ...]) -> dict[str, bool]:
     """The issue's figures: at each target ATO meets the FLOPs and its mean is at least every other pruning
     method's (a method that missed the FLOPs target by more than 1 point does not count as beaten or
-    beating); at 50% pruned ATO within 0.5 points of dense. Each method's FLOPs match is reported too."""
+    beating); at 50% pruned ATO within 0.5 points of dense. Each method's FLOPs budget (`meets`, at most the
+    target + 1 point) and match (`matches`, within 1 point either way) are reported too."""
     get = {(r["method"], r["pruned_flops_target"]): r["acc_mean"] for r in rows}
     kept = {(r["method"], r["pruned_flops_target"]): r["flops_kept_mean"] for r in rows}
     out: dict[str, bool] = {}
@@ -387,6 +390,7 @@ def figures(rows: list[dict], targets: tuple[float, ...]) -> dict[str, bool]:
         meets = {m: kept[(m, t)] <= 1.0 - t + FLOPS_TOLERANCE for m in PRUNED if (m, t) in kept}
         for m, ok in meets.items():
             out[f"{m}_meets_flops_at_{t:.2f}"] = ok
+            out[f"{m}_matches_flops_at_{t:.2f}"] = abs(kept[(m, t)] - (1.0 - t)) <= FLOPS_TOLERANCE + 1e-9  # 0.5 - 0.49
         if ("ato", t) not in get:
             continue
         others = [get[(m, t)] for m in PRUNED if m != "ato" and (m, t) in get]
