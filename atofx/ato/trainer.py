@@ -265,11 +265,10 @@ class ATOTrainer:
 
     @torch.no_grad()
     def frozen_mask(self) -> Masks:
-        """The mask frozen at the window's end, as `freeze_mask` says: bisected to the budget (`budget_mask`), that
-        and then filled up to the budget with live ZIGs (`filled_mask`), the controller's own, or the controller's
-        less its dead ZIGs (all parameters exactly zero). With
-        `round_to`, the last two move each space's count to a multiple of it, keeping the controller's bits
-        first, then its best logits."""
+        """The mask frozen at the window's end, as `freeze_mask` says: bisected to the budget (`budget_mask`),
+        bisected and then filled up to the budget with live ZIGs (`filled_mask`), the controller's own, or the
+        controller's less its dead ZIGs (all parameters exactly zero). With `round_to`, the last two move each
+        space's count to a multiple of it, keeping the controller's bits first, then its best logits."""
         how = self.config.freeze_mask
         if how == "bisect":
             return self.budget_mask()
