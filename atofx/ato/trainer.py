@@ -219,8 +219,10 @@ class ATOTrainer:
         progress = (self.state.epoch - ph.end + 1) / max(ph.epochs - ph.end, 1)
         return cfg.lam * (1.0 + (cfg.lam_boost - 1.0) * min(progress, 1.0))
 
-    def flops_kept(self) -> float:
-        return float(self.flops({k: v.double() for k, v in self.mask.items()})) / self.flops.total
+    def flops_kept(self, mask: Masks | None = None) -> float:
+        """The share of the dense FLOPs the FLOPs model gives `mask` (default: the current mask)."""
+        mask = self.mask if mask is None else mask
+        return float(self.flops({k: v.double() for k, v in mask.items()})) / self.flops.total
 
     def _dropped(self) -> Tensor:
         """Per prunable ZIG (in `_prunable_ids` order): dropped by the current mask."""
@@ -276,11 +278,8 @@ class ATOTrainer:
             return self.filled_mask(self.budget_mask())
         mask = {k: v.clone() for k, v in self.mask.items()}
         if how == "dead":
-            zero = self.params.group_norms() == 0
-            for s in self.ato.zigs.prunable:
-                if s.index in self.gated:
-                    dead = zero[torch.as_tensor(s.components, device=zero.device)].to(mask[s.index].device)
-                    mask[s.index] = torch.where(dead, 0.0, mask[s.index])
+            for k, dead in self._by_gated_space(self.params.group_norms() == 0).items():
+                mask[k] = torch.where(dead, 0.0, mask[k])
         gated = self._never_empty({k: mask[k] for k in self.gated})
         if self.config.round_to > 1:
             logits = self.controller()
@@ -307,29 +306,25 @@ class ATOTrainer:
         keeps at most the target; only ZIGs whose parameters are not all exactly zero come back (a zero conv + BN
         group gets no gradient, so it would cost FLOPs and give nothing). The one-sided regulariser lets the
         controller end below the budget (0.463 of FLOPs kept for a 0.5 target on Fashion-MNIST)."""
-        if float(self.flops({k: v.double() for k, v in mask.items()})) >= self.config.target_flops * self.flops.total:
+        if self.flops_kept(mask) >= self.config.target_flops:
             return mask
-        zero = self.params.group_norms() == 0
         logits = self.controller()
         scores = {}  # kept: 2; live dropped: sigmoid(logit + offset) in (0, 1); dead: 0, never above a threshold
-        for s in self.ato.zigs.prunable:
-            if s.index in self.gated:
-                kept = mask[s.index] > 0
-                dead = zero[torch.as_tensor(s.components, device=zero.device)].to(kept.device)
-                live = torch.sigmoid(logits[s.index].double() + self.config.offset).to(kept.device)
-                scores[s.index] = torch.where(kept, 2.0, torch.where(dead, 0.0, live))
+        for k, dead in self._by_gated_space(self.params.group_norms() == 0).items():
+            live = torch.sigmoid(logits[k].double() + self.config.offset).to(self.device)
+            scores[k] = torch.where(mask[k] > 0, 2.0, torch.where(dead, 0.0, live))
         return self._threshold_for_target(scores)
 
     @torch.no_grad()
     def saliency_mask(self) -> Masks:
         """Static baseline: keep the ZIGs of largest relative group norm until the FLOPs target is met."""
-        norms = self.params.group_norms()
-        rel = {}
-        for s in self.ato.zigs.prunable:
-            if s.index in self.gated:
-                n = norms[torch.as_tensor(s.components, device=norms.device)]
-                rel[s.index] = n / n.mean().clamp_min(1e-12)
-        return self._threshold_for_target(rel)
+        norms = self._by_gated_space(self.params.group_norms())
+        return self._threshold_for_target({k: n / n.mean().clamp_min(1e-12) for k, n in norms.items()})
+
+    def _by_gated_space(self, per_zig: Tensor) -> dict[int, Tensor]:
+        """A per-ZIG tensor (`ZIGParams` order) as one tensor per gated space, on the masks' device."""
+        return {s.index: per_zig[torch.as_tensor(s.components, device=per_zig.device)].to(self.device)
+                for s in self.ato.zigs.prunable if s.index in self.gated}
 
     def _threshold_for_target(self, scores: dict[int, Tensor]) -> Masks:
         """Keep the ZIGs whose score exceeds one threshold (>= 0), bisected so that the FLOPs model keeps at most

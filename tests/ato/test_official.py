@@ -221,16 +221,21 @@ def test_official_controller_optimiser_and_heads():
 
 
 # ------------------------------------------------------------------------------ 5: the frozen mask
+def _kill_and_freeze(trainer, dead: dict[int, list[int]]):
+    """Zero the parameters of the ZIGs `dead` names (space index -> positions), then end the window (epoch 4 of 10)."""
+    with torch.no_grad():
+        trainer.params.zero_(trainer.params.keep_vector(
+            {k: torch.tensor([0.0 if i in d else 1.0 for i in range(len(trainer.mask[k]))]) for k, d in dead.items()}) == 0)
+    trainer.state.epoch = 4
+    trainer.end_epoch(4)
+    return trainer
+
+
 def _over_budget(freeze_mask: str):
     trainer = fresh().start_training(10, 0.3, freeze_mask=freeze_mask)
     first = trainer.ato.zigs.prunable[1]
     trainer.mask[first.index][:2] = 0.0
-    with torch.no_grad():  # ZIG 3 of that space is dead although kept
-        trainer.params.zero_(trainer.params.keep_vector({first.index: torch.tensor(
-            [1.0, 1.0, 1.0, 0.0] + [1.0] * (first.width - 4))}) == 0)
-    trainer.state.epoch = 4
-    trainer.end_epoch(4)
-    return trainer, first
+    return _kill_and_freeze(trainer, {first.index: [3]}), first  # ZIG 3 of that space is dead although kept
 
 
 def test_freeze_without_bisection_keeps_the_controllers_decision():
@@ -252,12 +257,7 @@ def _under_budget(freeze_mask: str):
         half = s.width // 2
         trainer.mask[s.index][half:] = 0.0
         dead[s.index] = list(range(half, min(half + 2, s.width)))
-    with torch.no_grad():
-        trainer.params.zero_(trainer.params.keep_vector(
-            {k: torch.tensor([0.0 if i in d else 1.0 for i in range(len(trainer.mask[k]))]) for k, d in dead.items()}) == 0)
-    trainer.state.epoch = 4
-    trainer.end_epoch(4)
-    return trainer, dead
+    return _kill_and_freeze(trainer, dead), dead
 
 
 def test_fill_keeps_live_dropped_zigs_again_up_to_the_target():
