@@ -165,8 +165,9 @@ def test_accuracy_benchmark_passes_ato_options_and_runs_only_the_methods_asked_f
 
     monkeypatch.setattr(atofx.ATOModel, "train", spy)
     proto = bench_accuracy.Protocol("digits", "resnet20", 2, 64, None, 0, 0.5)
-    runs = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato",), ato_options={"tau": 0.5})
+    runs = bench_accuracy.run_all([0], (0.5,), proto, methods=("ato",), ato_options={"tau": 0.5, "controller_data": 0.25})
     assert [r["method"] for r in runs] == ["ato"] and seen["tau"] == 0.5
+    assert seen["controller_data"] == 0.25  # an option overrides the protocol's D_CN share (0.5)
     assert set(bench_accuracy.figures(bench_accuracy.summarize(runs, (0.5,)), (0.5,))) == {"ato_meets_flops_at_0.50",
                                                                                          "ato_matches_flops_at_0.50"}
     assert bench_accuracy._option("projection=hsp") == ("projection", "hsp")
@@ -204,6 +205,7 @@ def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defau
     rows = bench_ablation.run(["defaults", "hsp"], 1, 1, None, SMALL_FASHION, data_dir=str(tmp_path))
     assert [r["variant"] for r in rows] == ["defaults", "static", "hsp"]
     assert [kw.get("projection") for kw in seen] == [None, None, "hsp"] and seen[1]["method"] == "static"
+    assert {kw["controller_data"] for kw in seen} == {SMALL_FASHION.controller_data}  # the protocol's D_CN share
     for r in rows:
         assert 0.0 < r["flops_kept_mean"] <= 0.51 and r["revived_max_mean"] >= 0 and len(r["runs"]) == 1
     assert "static" in bench_ablation.table(rows)

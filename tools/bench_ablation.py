@@ -3,7 +3,8 @@
 Each variant is `ato.train` with some options of `ATOConfig` set as the authors' released code sets them
 (docs/design-notes.md, "atofx, the paper and the authors' code"), run by tools/bench_accuracy.py's
 protocol (Fashion-MNIST quick: ResNet-14, 10 epochs over its training subset, 2 seeds, 50% of FLOPs pruned;
-the committed ablations ran on 15,000 images, before the subset became 14,000).
+the committed ablations ran on 15,000 images, before the subset became 14,000, and with D_CN 5% of it, before
+the protocol's 20%).
 The `static` mask is run beside atofx's defaults as the bar to clear. A choice between variants is made on
 the validation accuracy (5,000 training images kept out); test accuracy is reported, not chosen on.
 Finished runs are stored (bench_accuracy's `--runs-dir`), so an interrupted ablation resumes.
