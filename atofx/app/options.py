@@ -69,12 +69,13 @@ class TrainJob:
     head_bias: bool | None = None
     freeze_mask: str | None = None
     search_space: str | None = None
+    window_mask: str | None = None
 
     picture: bool = True  # draw OUT/zigs.svg (the space view for large models; `dot` capped at a minute)
 
 
 ATO_OPTIONS = ("step_size", "lam_schedule", "lam_boost", "lam_jump_at", "hsp_eps", "sampling", "regularizer",
-               "controller_optimizer", "head_bias", "freeze_mask", "search_space")
+               "controller_optimizer", "head_bias", "freeze_mask", "search_space", "window_mask")
 OPTIMIZERS = ("sgd", "adamw")
 
 

@@ -174,7 +174,7 @@ class ATOTrainer:
             for p_ in model_params:
                 p_.requires_grad_(True)
         if cfg.sampling != "official":  # official: the mask is drawn once, at the end of the epoch
-            self.mask = self.current_mask()
+            self.mask = self._floored(self.current_mask())
         return {"controller_loss": float(loss.detach()), "sampled_flops_kept": float(p.detach()) / self.flops.total}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
@@ -188,7 +188,7 @@ class ATOTrainer:
         if self.config.method == "static" and self.state.epoch == max(ph.start, 1):  # window start 0: first epoch end
             self.mask = self.saliency_mask()
         if was_in_window and self.config.sampling == "official":
-            self.mask = self.sampled_mask()
+            self.mask = self._floored(self.sampled_mask())
         if self.state.epoch >= ph.end and not self.state.frozen:
             self.state.frozen = True
             if self.config.method == "ato":
@@ -250,6 +250,10 @@ class ATOTrainer:
         masks = self.controller.sample(hard=True, tau=cfg.tau, offset=cfg.offset, generator=self.generator,
                                        noise="gumbel")
         return self._full(self._never_empty({k: v.detach() for k, v in masks.items()}))
+
+    def _floored(self, mask: Masks) -> Masks:
+        """The window's projecting mask: `mask`, or with `window_mask="floor"` topped up to the budget (`filled_mask`)."""
+        return self.filled_mask(mask) if self.config.window_mask == "floor" else mask
 
     def _never_empty(self, masks: Masks) -> Masks:
         empty = [k for k, m in masks.items() if not bool(m.any())]

@@ -278,6 +278,32 @@ def test_fill_keeps_live_dropped_zigs_again_up_to_the_target():
     assert float(fill.flops(trial)) > 0.5 * fill.flops.total  # the next one would not fit
 
 
+@pytest.mark.parametrize("sampling", ["atofx", "official"])
+def test_floor_tops_the_window_mask_up_to_the_budget(data, sampling):
+    """A controller that keeps almost nothing: its own mask sinks far under the budget; with window_mask="floor"
+    the projecting mask is the same topped up to the target with its best logits (both samplings)."""
+    masks = {}
+    for how in ("controller", "floor"):
+        trainer = fresh().start_training(10, 0.5, sampling=sampling, window_mask=how)
+        with torch.no_grad():
+            for head in trainer.controller.heads:
+                head.bias.sub_(20.0)
+        trainer.state.epoch = 2  # inside the window
+        trainer.controller_step(next(iter(data[0])))
+        trainer.end_epoch(2)
+        masks[how] = trainer.mask
+        if how == "floor":
+            assert 0.45 < trainer.flops_kept() <= 0.5
+            logits = {k: v.detach() for k, v in trainer.controller().items()}
+    floor, own = masks["floor"], masks["controller"]
+    assert fresh().start_training(10, 0.5).flops_kept(own) < 0.2
+    assert all(bool((floor[k] >= own[k]).all()) for k in own)  # nothing the controller keeps is dropped
+    for k in logits:  # within a space, a kept ZIG's logit is at least every dropped one's
+        kept, dropped = logits[k][floor[k] > 0], logits[k][floor[k] == 0]
+        if len(dropped) and len(kept):
+            assert float(kept.min()) >= float(dropped.max()), k
+
+
 # ------------------------------------------------------------------------------ 6: search space
 def test_internal_search_space_gates_block_internal_spaces_only():
     ato = fresh()
