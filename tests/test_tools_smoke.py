@@ -195,6 +195,26 @@ def test_accuracy_benchmark_resumes_from_its_stored_runs(tmp_path, monkeypatch):
     assert bench_accuracy.RunStore(tmp_path / "runs", "code-b").get({**first[0], "target": 0.5}) is None
 
 
+_RUN_TASK = bench_accuracy.run_task
+
+
+def _random_fails(task: dict) -> dict:
+    if task["method"] == "random":
+        raise RuntimeError("Torch-Pruning's random could not reach 0.500 of the FLOPs")
+    return _RUN_TASK(task)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_loses_none_of_the_others(tmp_path, monkeypatch, jobs):
+    """One run raises: the others still finish and are stored, and the benchmark then fails naming the run."""
+    proto = bench_accuracy.Protocol("digits", "resnet20", 2, 64, None, 0, 0.5)
+    store = bench_accuracy.RunStore(tmp_path / "runs", "code-a")
+    monkeypatch.setattr(bench_accuracy, "run_task", _random_fails)  # module level: the workers unpickle it
+    with pytest.raises(RuntimeError, match="1 run.*random seed 0 target 0.50: RuntimeError: Torch-Pruning's random"):
+        bench_accuracy.run_all([0], (0.5,), proto, jobs=jobs, methods=("static", "tp_l1", "random"), store=store)
+    assert sorted(f.name.split("-")[0] for f in (tmp_path / "runs").glob("*.json")) == ["static", "tp_l1"]
+
+
 def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defaults(tmp_path, monkeypatch):
     from tests.app.test_datasets import write_fashion_mnist
 

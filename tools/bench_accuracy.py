@@ -246,7 +246,9 @@ def run_task(task: dict) -> dict:
         result["zigs_revived_max"] = max(result["zigs"]["zigs_revived"])
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
-        small, kept = tp_prune_to_flops(method, model, example, 1.0 - target, seed)
+        # pruned on the CPU: RandomImportance draws its scores there, and on a GPU its global ranking then fails at
+        # every ratio (ResNet-56 on an H200, 2026-11-30); the pruned model trains on `device` again
+        small, kept = tp_prune_to_flops(method, model.cpu(), example.cpu(), 1.0 - target, seed)
         # kept in the contiguous format the pruner returns: channels-last crashes torch 2.14.1 here (docstring)
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
         result.update(flops_kept=kept, **scores(small))
@@ -348,11 +350,24 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
         return [t | {"state": result["state"], "first_half_seconds": result["seconds"]} for t in second_halves(task)
                 if store is None or store.get(t) is None]
 
+    failed: list[str] = []
+
+    def failure(task: dict, exc: BaseException) -> list[dict]:
+        """A run that raised: said at once, the others go on (and are stored); run_all raises at the end."""
+        failed.append(f"{task['method']} seed {task['seed']} target {task['target']:.2f}: {type(exc).__name__}: {exc}")
+        print(f"  FAILED {failed[-1]}", file=sys.stderr, flush=True)
+        return []
+
     if jobs <= 1:
         queue = list(first)
         while queue:
             task = queue.pop(0)
-            queue += done(task, run_task(task))
+            try:
+                result = run_task(task)
+            except Exception as exc:  # reported with the others at the end
+                queue += failure(task, exc)
+                continue
+            queue += done(task, result)
     else:
         with ProcessPoolExecutor(jobs) as pool:
             pending: dict[Future, dict] = {pool.submit(run_task, t): t for t in first}
@@ -360,7 +375,12 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     task = pending.pop(f)
-                    pending |= {pool.submit(run_task, t): t for t in done(task, f.result())}
+                    exc = f.exception()
+                    new = failure(task, exc) if exc is not None else done(task, f.result())
+                    pending |= {pool.submit(run_task, t): t for t in new}
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed (the finished ones are stored; a rerun resumes): "
+                           + "; ".join(failed))
     return results
 
 

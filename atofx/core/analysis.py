@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from atofx.core.mask import Mask
-from atofx.core.nested import as_tuple, describe, map_tensors
+from atofx.core.nested import as_tuple, describe, map_tensors, on_device_of
 from atofx.core.pruning import pruned, zero_dropped
 from atofx.errors import AtofxError, ConfigError, ShapeError
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
@@ -144,7 +144,7 @@ class Analysis:
         if self._flops is None:
             zigs = self.zigs
             with evaluating(self.graph_module):
-                FlopsProp(self.graph_module).propagate(*self.example_inputs)
+                FlopsProp(self.graph_module).propagate(*on_device_of(self.graph_module, self.example_inputs))
             self._flops = FlopsModel(self.graph_module, zigs)
         return self._flops
 

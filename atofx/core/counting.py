@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from atofx.core.nested import as_tuple
+from atofx.core.nested import as_tuple, on_device_of
 from atofx.passes.values import evaluating
 
 
@@ -16,9 +16,10 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
 
     FLOPs = 2 x MACs: a multiply-add counts as two operations. Torch-Pruning (`count_ops_and_params`) and many
     papers report MACs: torchvision's ResNet-18 at 224x224 is 3.63 G FLOPs here and 1.82 G MACs there.
+    `example_inputs` move to the model's device.
     """
     with evaluating(model), FlopCounterMode(display=False) as counter:
-        model(*as_tuple(example_inputs))
+        model(*on_device_of(model, as_tuple(example_inputs)))
     return int(counter.get_total_flops())
 
 

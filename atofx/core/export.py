@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from atofx.core.nested import as_tuple, on_device_of
 from atofx.errors import AtofxError
 
 ONNX_PACKAGES = "pip install onnx onnxscript (or pip install -e '.[onnx]' in a clone)"
@@ -49,7 +50,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any, check: 
 
 
 def _export_checked(onnx: Any, model: nn.Module, path: Path, example_inputs: Any, check: bool) -> float | None:
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = on_device_of(model, as_tuple(example_inputs))
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     batch = torch.export.Dim("batch")
     try:

@@ -46,6 +46,16 @@ def describe(x: Any) -> str:
     return type(x).__name__
 
 
+def on_device_of(module: torch.nn.Module, x: Any) -> Any:
+    """`x` with its tensors on the device of `module`'s first parameter or buffer (as it is if `module` has none):
+    example inputs given on the CPU still run a model that was trained, and so moved, on a GPU."""
+    state = next(module.parameters(), None)
+    state = state if state is not None else next(module.buffers(), None)
+    if state is None:
+        return x
+    return map_tensors(lambda t: t.to(state.device), x)
+
+
 def as_tuple(example_inputs: Any) -> tuple:
     """A forward's positional inputs: one tensor becomes a 1-tuple."""
     if isinstance(example_inputs, torch.Tensor):

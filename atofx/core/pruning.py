@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from atofx.core.mask import Mask
+from atofx.core.nested import on_device_of
 from atofx.core.serialization import example_inputs_of
 from atofx.errors import EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
@@ -48,12 +49,13 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
         return result
     reference = copy.deepcopy(model)
     zero_dropped(reference, zigs, keep)
-    expected = run_eval(reference, example_inputs)
+    inputs = on_device_of(model, example_inputs)  # a model trained on a GPU, example inputs on the CPU
+    expected = run_eval(reference, inputs)
     for candidate in (small, patched):
         if candidate is None:
             continue
         try:
-            got = run_eval(candidate, example_inputs)
+            got = run_eval(candidate, inputs)
         except Exception:
             continue
         if relative_difference(expected, got) <= EQUIVALENCE_TOLERANCE:
@@ -61,7 +63,7 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
             return candidate
     ref_gm = trace(reference, **trace_options)
     new_gm = patched if patched is not None else trace(small, **trace_options)
-    where = first_divergence(ref_gm, new_gm, example_inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
+    where = first_divergence(ref_gm, new_gm, inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
     raise EquivalenceError(
         f"the pruned model differs from the masked model, first at {where}. This is an atofx bug or an op "
         "rule that is wrong for this model: please report it; meanwhile keep the op opaque with "

@@ -11,7 +11,7 @@ from torch import nn
 
 import atofx
 from atofx.core.files import atomic_save, safe_load
-from atofx.core.nested import describe, leaves, map_tensors
+from atofx.core.nested import describe, leaves, map_tensors, on_device_of
 
 Pair = collections.namedtuple("Pair", "a b")
 
@@ -23,6 +23,31 @@ def test_map_tensors_keeps_every_container_kind():
     assert y["p"].a.tolist() == [2.0, 2.0] and y["p"].b[1] == 3
     assert [p for p, _ in leaves(x, "in")] == ["in['p'][0]", "in['p'][1][0]", "in['p'][1][1]", "in['q'][0]"]
     assert describe((torch.zeros(2, 3), 1)) == "((2, 3) float32, int)"
+
+
+def test_on_device_of_moves_inputs_to_the_models_first_parameter_or_buffer():
+    x = (torch.ones(1, 2), {"k": torch.zeros(1)}, 3)
+    for module in (nn.Linear(2, 2), nn.BatchNorm1d(2, affine=False)):  # a parameter; buffers only
+        moved = on_device_of(module.to("meta"), x)
+        assert moved[0].is_meta and moved[1]["k"].is_meta and moved[2] == 3
+    assert on_device_of(nn.ReLU(), x) is x  # nothing to follow
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+
+def test_flops_follow_a_model_moved_off_the_example_inputs_device():
+    """A model compiled with CPU example inputs and then moved (by training on a GPU; here to the meta device,
+    which the CPU-only CI has) still gets its FLOPs model and its count: the inputs follow the model."""
+    example = (torch.randn(2, 1, 6, 6),)
+    reference = atofx.compile(_conv_net(), example)
+    ato = atofx.compile(_conv_net(), example)
+    ato.model.to("meta")
+    ato.graph_module.to("meta")
+    assert ato.flops_model.total == reference.flops_model.total > 0
+    assert atofx.count_flops(ato.model, example) == atofx.count_flops(reference.model, example)
 
 
 def test_evaluating_restores_each_layers_flag_even_after_an_error():
