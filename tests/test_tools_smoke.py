@@ -82,6 +82,12 @@ def test_torch_pruning_methods_are_bisected_to_the_flops_target(method, keep):
     assert small(x).shape == (1, 10)
 
 
+def test_a_target_the_pruner_cannot_reach_is_an_error_that_shows_what_it_tried():
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"tp_l1 could not reach 0.000 of the FLOPs \(ratio: FLOPs kept 0.5: 0\.\d{3}, "):
+        bench_accuracy.tp_prune_to_flops("tp_l1", resnet20(10, 1), torch.randn(1, 1, 8, 8), 0.0)
+
+
 def test_tp_l1_drops_the_smallest_groups_first():
     torch.manual_seed(0)
     model = resnet20(10, 1)

@@ -46,14 +46,18 @@ def describe(x: Any) -> str:
     return type(x).__name__
 
 
-def on_device_of(module: torch.nn.Module, x: Any) -> Any:
-    """`x` with its tensors on the device of `module`'s first parameter or buffer (as it is if `module` has none):
-    example inputs given on the CPU still run a model that was trained, and so moved, on a GPU."""
+def device_of(module: torch.nn.Module) -> torch.device | None:
+    """The device of `module`'s first parameter, else of its first buffer; None if it has neither."""
     state = next(module.parameters(), None)
     state = state if state is not None else next(module.buffers(), None)
-    if state is None:
-        return x
-    return map_tensors(lambda t: t.to(state.device), x)
+    return None if state is None else state.device
+
+
+def on_device_of(module: torch.nn.Module, x: Any) -> Any:
+    """`x` with its tensors on `module`'s device (`device_of`; as it is if the module has no state): example
+    inputs given on the CPU still run a model that was trained, and so moved, on a GPU."""
+    device = device_of(module)
+    return x if device is None else map_tensors(lambda t: t.to(device), x)
 
 
 def as_tuple(example_inputs: Any) -> tuple:

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from atofx.core.mask import Mask
-from atofx.core.nested import on_device_of
+from atofx.core.nested import device_of, map_tensors
 from atofx.core.serialization import example_inputs_of
 from atofx.errors import EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
@@ -47,20 +47,23 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
         result = patched if patched is not None else small
         example_inputs_of[result] = example_inputs
         return result
-    reference = copy.deepcopy(model)
+    # checked on the CPU, where float32 is exact to the tolerance (a GPU's convolutions may run in TF32); a model
+    # trained on a GPU failed the check there (H200, 2026-11-30), and comes back on its device
+    device = device_of(model)
+    reference = copy.deepcopy(model).cpu()
     zero_dropped(reference, zigs, keep)
-    inputs = on_device_of(model, example_inputs)  # a model trained on a GPU, example inputs on the CPU
+    inputs = map_tensors(lambda t: t.cpu(), example_inputs)
     expected = run_eval(reference, inputs)
     for candidate in (small, patched):
         if candidate is None:
             continue
         try:
-            got = run_eval(candidate, inputs)
+            got = run_eval(candidate.cpu(), inputs)
         except Exception:
             continue
         if relative_difference(expected, got) <= EQUIVALENCE_TOLERANCE:
             example_inputs_of[candidate] = example_inputs
-            return candidate
+            return candidate if device is None else candidate.to(device)
     ref_gm = trace(reference, **trace_options)
     new_gm = patched if patched is not None else trace(small, **trace_options)
     where = first_divergence(ref_gm, new_gm, inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
