@@ -48,11 +48,12 @@ def test_defaults_and_official_differ_where_the_ablation_chose():
     default, official = ATOConfig(), ATOConfig.official()
     assert (default.step_size, default.lam_schedule, default.lam_boost) == ("share", "jump", 100.0)
     assert (default.sampling, default.regularizer, default.controller_optimizer, default.head_bias,
-            default.freeze_mask, default.search_space) == ("atofx", "paper", "adam", True, "bisect", "all")
+            default.freeze_mask, default.search_space, default.window_mask) == \
+        ("atofx", "paper", "adam", True, "bisect", "all", "floor")
     for name, value in OFFICIAL.items():
         assert getattr(official, name) == value, name
     assert {n for n in OFFICIAL if getattr(default, n) != OFFICIAL[n]} == \
-        {"sampling", "regularizer", "controller_optimizer", "head_bias", "freeze_mask", "search_space"}
+        {"sampling", "regularizer", "controller_optimizer", "head_bias", "freeze_mask", "search_space", "window_mask"}
     assert ATOConfig.of("official", freeze_mask="dead").freeze_mask == "dead"  # an option overrides the flavour
     assert ATOConfig.of("atofx") == default
 

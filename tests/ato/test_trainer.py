@@ -221,8 +221,9 @@ def test_fingerprint_is_the_same_in_a_new_process():
 
 
 def test_a_space_the_controller_empties_keeps_one_channel(data):
-    """An aggressive controller drops whole spaces; the run must still end in a model that can be pruned."""
-    ato, history = run(data, epochs=4, controller_lr=0.1, controller_epochs=2)
+    """An aggressive controller drops whole spaces (its own mask: no floor at the budget); the run must still end in
+    a model that can be pruned."""
+    ato, history = run(data, epochs=4, controller_lr=0.1, controller_epochs=2, window_mask="controller")
     assert history[-1]["flops_kept"] < 0.1
     assert all(int(b.sum()) >= 1 for b in ato.mask.bits.values())
     ato.mask.validate(ato.zigs)
@@ -281,7 +282,8 @@ def test_rounded_count(n, width, multiple, expected):
 
 
 def test_a_frozen_mask_within_the_target_is_left_alone(data):
-    ato, history = run(data, epochs=4, controller_lr=0.1, controller_epochs=2)
+    """The freeze's bisection only acts above the budget (the controller's own mask here: no floor under it)."""
+    ato, history = run(data, epochs=4, controller_lr=0.1, controller_epochs=2, window_mask="controller")
     trainer = ato._trainer
     assert history[-1]["flops_kept"] < 0.5
     assert all(torch.equal(trainer.mask[k], m) for k, m in trainer.current_mask().items())
