@@ -403,3 +403,24 @@ def test_an_official_hsp_run_resumes_to_the_uninterrupted_result(data, tmp_path,
     assert any(r["zigs_revived"] > 0 or r["zigs_dropped"] > 0 for r in history)
     ref_state, state = ref.model.state_dict(), ato.model.state_dict()
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
+
+
+def test_threshold_for_target_picks_the_lowest_cut_that_meets_the_budget():
+    """The bisection over the scores returns what trying every threshold in order would: the mask of the lowest
+    threshold (0 or a score) whose FLOPs meet the target, each space keeping at least its best ZIG."""
+    trainer = fresh().start_training(10, 0.4)
+    target = 0.4 * trainer.flops.total
+
+    def keep_above(scores: dict, t: float) -> dict:
+        return {k: ((r > t) | (torch.arange(len(r)) == r.argmax())).double() for k, r in scores.items()}
+
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        scores = {k: torch.rand(len(trainer.mask[k]), generator=g) for k in trainer.gated}
+        got = trainer._threshold_for_target(scores)
+        for t in sorted({0.0, *(float(v) for r in scores.values() for v in r)}):  # every threshold in turn
+            expected = trainer._full({k: v.float() for k, v in keep_above(scores, t).items()})
+            if float(trainer.flops({k: v.double() for k, v in expected.items()})) <= target:
+                break
+        assert all(torch.equal(got[k], expected[k]) for k in got), seed
+        assert float(trainer.flops({k: v.double() for k, v in got.items()})) <= target
