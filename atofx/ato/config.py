@@ -91,7 +91,7 @@ class ATOConfig:
     # ZIGs, best logits first, when it keeps less; "controller" its own (paper, official). The one-sided regulariser
     # lets the controller's mask sink under the budget and its dropped groups die (Fashion-MNIST table: 0.449 of
     # FLOPs kept for a 0.5 target, 0.274 for 0.3); the floor keeps 0.496 / 0.298 and gained 0.08 / 0.24 points on
-    # validation over 3 seeds (docs/ablation.md, section 7)
+    # validation over 3 seeds, a tie over 5 (docs/ablation.md, section 7)
     window_mask: str = "floor"
     min_keep: dict[int, int] = field(default_factory=dict)  # space index -> fewest ZIGs kept (ato.train's max_pruned)
 
