@@ -248,8 +248,8 @@ def run_task(task: dict) -> dict:
         result["zigs_revived_max"] = max(result["zigs"]["zigs_revived"])
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
-        # pruned on the CPU: RandomImportance draws its scores there, and on a GPU its global ranking then fails at
-        # every ratio (ResNet-56 on an H200, 2026-11-30); the pruned model trains on `device` again
+        # pruned on the CPU (each of the bisection's tries copies the model and builds Torch-Pruning's graph: host
+        # work), then trained on `device` again. Under Python 3.12 `random` cannot reach a target (README, Results)
         small, kept = tp_prune_to_flops(method, model.cpu(), example.cpu(), 1.0 - target, seed)
         # kept in the contiguous format the pruner returns: channels-last crashes torch 2.14.1 here (docstring)
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
