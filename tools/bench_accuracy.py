@@ -354,11 +354,10 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
 
     failed: list[str] = []
 
-    def failure(task: dict, exc: BaseException) -> list[dict]:
+    def failure(task: dict, exc: BaseException) -> None:
         """A run that raised: said at once, the others go on (and are stored); run_all raises at the end."""
         failed.append(f"{task['method']} seed {task['seed']} target {task['target']:.2f}: {type(exc).__name__}: {exc}")
         print(f"  FAILED {failed[-1]}", file=sys.stderr, flush=True)
-        return []
 
     if jobs <= 1:
         queue = list(first)
@@ -367,9 +366,9 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
             try:
                 result = run_task(task)
             except Exception as exc:  # reported with the others at the end
-                queue += failure(task, exc)
-                continue
-            queue += done(task, result)
+                failure(task, exc)
+            else:
+                queue += done(task, result)
     else:
         with ProcessPoolExecutor(jobs) as pool:
             pending: dict[Future, dict] = {pool.submit(run_task, t): t for t in first}
@@ -377,9 +376,10 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     task = pending.pop(f)
-                    exc = f.exception()
-                    new = failure(task, exc) if exc is not None else done(task, f.result())
-                    pending |= {pool.submit(run_task, t): t for t in new}
+                    if f.exception() is not None:
+                        failure(task, f.exception())
+                    else:
+                        pending |= {pool.submit(run_task, t): t for t in done(task, f.result())}
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed (the finished ones are stored; a rerun resumes): "
                            + "; ".join(failed))
