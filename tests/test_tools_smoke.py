@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -86,6 +87,32 @@ def test_a_target_the_pruner_cannot_reach_is_an_error_that_shows_what_it_tried()
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match=r"tp_l1 could not reach 0.000 of the FLOPs \(ratio: FLOPs kept 0.5: 0\.\d{3}, "):
         bench_accuracy.tp_prune_to_flops("tp_l1", resnet20(10, 1), torch.randn(1, 1, 8, 8), 0.0)
+
+
+@pytest.mark.parametrize(("version", "fixed"), [("1.6.1", True), ("1.10.0", True), ("2.0", True), ("1.6.0", False),
+                                                 ("1.5.2", False)])
+def test_torch_pruning_releases_before_1_6_1_have_the_broken_random_importance(version, fixed):
+    assert bench_accuracy.random_is_fixed(version) is fixed
+
+
+def test_random_with_an_old_torch_pruning_is_refused_before_any_run(monkeypatch, capsys):
+    monkeypatch.setattr(bench_accuracy, "torch_pruning_version", lambda: "1.6.0")
+    monkeypatch.setattr(bench_accuracy, "run_all", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(SystemExit):
+        bench_accuracy.main(["--quick", "--methods", "random"])
+    assert "pip install 'torch-pruning>=1.6.1', or leave random out of --methods" in capsys.readouterr().err
+
+
+def test_the_installed_random_importance_keeps_fewer_flops_the_higher_the_ratio():
+    """What the bisection assumes, and what Torch-Pruning 1.6.0 broke (0.25 / 0.5 / 0.75 kept 0.41 / 0.56 / 0.76)."""
+    model, x = resnet20(10, 1), torch.randn(1, 1, 8, 8)
+    dense, kept = atofx.count_flops(model, x), []
+    for ratio in (0.25, 0.5, 0.75):
+        pruned = copy.deepcopy(model)
+        torch.manual_seed(0)
+        bench_accuracy._tp_pruner("random", pruned, x, ratio).step()
+        kept.append(atofx.count_flops(pruned, x) / dense)
+    assert kept[0] > kept[1] > kept[2], kept
 
 
 def test_tp_l1_drops_the_smallest_groups_first():

@@ -62,9 +62,11 @@ import argparse
 import copy
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -93,6 +95,11 @@ TARGETS = (0.5, 0.7)  # share of the dense FLOPs removed
 METHODS = ("dense", "ato", "static", "tp_l1", "tp_group_norm", "random")
 PRUNED = METHODS[1:]
 TP_METHODS = ("tp_l1", "tp_group_norm", "random")
+# Torch-Pruning 1.4.3-1.6.0's RandomImportance scores a group's channels by a shuffled rank 0..n-1 (and from
+# Python's `random`, which torch.manual_seed does not seed): global pruning then cuts every group at the same
+# rank, skips the groups that cut would empty, and on ResNet-14 keeps *more* FLOPs the higher the ratio (0.25 /
+# 0.5 / 0.75 keep 0.412 / 0.560 / 0.755; 1.6.1: 0.548 / 0.243 / 0.068). Its issue #498, fixed in 1.6.1.
+RANDOM_FIXED_IN = (1, 6, 1)
 PAPER_LAMBDA = 10.0
 TP_GROUP_NORM_REG = 5e-4  # Torch-Pruning's CIFAR benchmark default for group_sl
 # a method meets a target when its mean FLOPs kept is at most target kept + 1 point (within the budget), and
@@ -174,7 +181,8 @@ def tp_prune_to_flops(method: str, model: nn.Module, example: torch.Tensor, keep
     """Bisect the pruner's global channel ratio until the pruned copy keeps at most `keep` of the FLOPs.
 
     Returns the pruned copy and the FLOPs share `atofx.count_flops` measures on it. The random importance
-    is seeded the same way at every try, so its ranking, and the FLOPs, move monotonically with the ratio.
+    is seeded the same way at every try (Torch-Pruning 1.6.1 on: `RANDOM_FIXED_IN`), so its ranking, and the
+    FLOPs, move monotonically with the ratio.
     """
     dense = atofx.count_flops(model, example)
 
@@ -198,10 +206,20 @@ def tp_prune_to_flops(method: str, model: nn.Module, example: torch.Tensor, keep
             lo = mid
         else:
             hi, best = mid, got
-    if best is None:  # e.g. random under Python 3.12: its FLOPs rise with the ratio (README, Results)
+    if best is None:  # e.g. Torch-Pruning 1.6.0's random: its FLOPs rise with the ratio (RANDOM_FIXED_IN)
         raise RuntimeError(f"Torch-Pruning's {method} could not reach {keep:.3f} of the FLOPs (ratio: FLOPs kept "
                            f"{', '.join(tried[:6])})")
     return best
+
+
+def torch_pruning_version() -> str:
+    """The installed Torch-Pruning's version, from its package metadata (1.6.1's `tp.__version__` says 1.6.0)."""
+    return importlib.metadata.version("torch-pruning")
+
+
+def random_is_fixed(version: str) -> bool:
+    """Whether this Torch-Pruning release's RandomImportance draws comparable scores (`RANDOM_FIXED_IN`)."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:3]) >= RANDOM_FIXED_IN
 
 
 # ---------------------------------------------------------------------- one run
@@ -249,7 +267,7 @@ def run_task(task: dict) -> dict:
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
         # pruned on the CPU (each of the bisection's tries copies the model and builds Torch-Pruning's graph: host
-        # work), then trained on `device` again. Under Python 3.12 `random` cannot reach a target (README, Results)
+        # work), then trained on `device` again
         small, kept = tp_prune_to_flops(method, model.cpu(), example.cpu(), 1.0 - target, seed)
         # kept in the contiguous format the pruner returns: channels-last crashes torch 2.14.1 here (docstring)
         train_plain(small, train, epochs - half, device, seed, lr=task["finetune_lr"])
@@ -515,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset == "cifar10" and not args.data_dir:
         parser.error("--dataset cifar10 needs --data-dir, a folder holding cifar-10-batches-py/")
 
+    if "random" in args.methods and not random_is_fixed(torch_pruning_version()):
+        parser.error(f"Torch-Pruning {torch_pruning_version()}'s RandomImportance cannot be pruned to a FLOPs "
+                     "target (its issue #498): pip install 'torch-pruning>=1.6.1', or leave random out of --methods")
     if args.device == "cpu" and args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     protocol = PROTOCOLS["fashion-mnist-full" if args.full else args.dataset]
@@ -542,12 +563,13 @@ def main(argv: list[str] | None = None) -> int:
     for line in paired_lines(pairs):
         print(line)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, {os.cpu_count()} CPU "
+    print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, Torch-Pruning "
+          f"{torch_pruning_version()}, {os.cpu_count()} CPU "
           f"cores; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
           f"{'/'.join(f'{v:.1f}' for v in load_after)} after")
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "device": device_name, "load_average_before": load_before,
-               "load_average_after": load_after}
+               "torch_pruning": torch_pruning_version(), "python": platform.python_version(), "device": device_name,
+               "load_average_before": load_before, "load_average_after": load_after}
     payload = {"rows": rows, "runs": runs, "figures": checks, "paired": pairs, "epochs": protocol.epochs, "seeds": seeds,
                "model": protocol.model, "dataset": protocol.dataset, "protocol": asdict(protocol),
                "lam": args.lam, "ato_options": ato_options, "finetune_lr": args.finetune_lr, "jobs": args.jobs,

@@ -34,7 +34,8 @@ from atofx.passes.values import evaluating
 from bench_timm import failed_row
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from user_cnns import Entry, zoo
+from user_cnns import zoo
+from user_cnns_entry import Entry
 
 import atofx
 from atofx.core.report import format_table

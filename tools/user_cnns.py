@@ -1,6 +1,7 @@
 """A zoo of small CNNs written the way users write them (issue 16): each class is a plain nn.Module whose docstring
 names the pattern it stands for. `zoo()` maps a name to an `Entry` (constructor and input shapes); the rest of the
-zoo is in `user_cnns_more.py` and `user_cnns_idioms.py`. `tools/bench_user_cnns.py` compiles, masks and prunes every entry.
+zoo is in `user_cnns_more.py` and `user_cnns_idioms.py`, the `Entry` record and the `conv_bn` block they share in
+`user_cnns_entry.py`. `tools/bench_user_cnns.py` compiles, masks and prunes every entry.
 
 Every model is tiny (8-32 channels, inputs of 32x32 or less) so that the whole sweep runs in seconds.
 """
@@ -8,37 +9,13 @@ Every model is tiny (8-32 channels, inputs of 32x32 or less) so that the whole s
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One zoo model: how to build it and the shapes of its inputs (one per forward argument)."""
-
-    name: str
-    make: Callable[[], nn.Module]
-    shapes: tuple[tuple[int, ...], ...]
-
-    def inputs(self, seed: int) -> tuple[torch.Tensor, ...]:
-        """Standard-normal inputs of the entry's shapes, drawn from their own seeded generator."""
-        gen = torch.Generator().manual_seed(seed)
-        return tuple(torch.randn(shape, generator=gen) for shape in self.shapes)
-
-    @property
-    def pattern(self) -> str:
-        """The first line of the model class's docstring."""
-        model_class = self.make if isinstance(self.make, type) else type(self.make())
-        return (model_class.__doc__ or "").strip().splitlines()[0]
-
-
-def conv_bn(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    """Conv -> BatchNorm -> ReLU, the block every user writes first."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+from user_cnns_entry import Entry, conv_bn
+from user_cnns_idioms import IDIOMS
+from user_cnns_more import MORE
 
 
 class UNet(nn.Module):
@@ -379,11 +356,7 @@ class Video3D(nn.Module):
 
 @functools.cache
 def zoo() -> dict[str, Entry]:
-    """Every zoo model by name: this file's, `user_cnns_more.MORE` and `user_cnns_idioms.IDIOMS` (imported here:
-    they import this file)."""
-    from user_cnns_idioms import IDIOMS
-    from user_cnns_more import MORE
-
+    """Every zoo model by name: this file's, `user_cnns_more.MORE` and `user_cnns_idioms.IDIOMS`."""
     image = ((2, 3, 32, 32),)
     first = [Entry("unet", UNet, image), Entry("fpn", FPN, image), Entry("bifpn", BiFPN, image),
              Entry("hrnet_fusion", HRNetFusion, image), Entry("res2net", Res2Net, ((2, 3, 16, 16),)),

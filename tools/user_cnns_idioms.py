@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from user_cnns import Entry, conv_bn
+from user_cnns_entry import Entry, conv_bn
 
 
 class Siamese(nn.Module):
