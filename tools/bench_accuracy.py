@@ -31,8 +31,9 @@ Protocols (`--dataset`):
   arithmetic: every model trains in channels-last memory format (a ResNet-14 step at batch 128 on one
   thread: 449 -> 294 ms) and images are augmented a batch at a time (`atofx.app.batch_augmentation`: ~48 ->
   ~2 ms a batch of 128). That left --quick at 1,224 s, 2% over, at 15,000 images. At 14,000 (2026-11-30,
-  the quiet 2-core VM, --jobs 2): --quick 1,070 s, the full table 5,311 s (1.5 h: the quick runs, then the
-  rest reading them from the run store), dense 90.50%. docs/design-notes.md has the history.
+  the quiet 2-core VM, --jobs 2): --quick 1,070 s, the full table 5,311 s, dense 90.50%; with D_CN 20% and the
+  window's floor (the defaults since) --quick 1,046 s and the full table 5,348 s in one command (753242c).
+  docs/design-notes.md has the history.
   One exception to channels-last: a Torch-Pruning model is fine-tuned in the contiguous format its pruner
   returns. torch 2.14.1's channels-last backward of a 1x1 stride-2 conv with fewer than 8 input channels at
   28x28 (a pruned shortcut) corrupts the heap (`Conv2d(7, 16, 1, 2)`, one backward, reproduced 2026-11-30);
