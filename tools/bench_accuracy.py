@@ -188,13 +188,8 @@ def tp_prune_to_flops(method: str, model: nn.Module, example: torch.Tensor, keep
     dense = atofx.count_flops(model, example)
 
     def at(ratio: float) -> tuple[nn.Module, float] | None:
-        pruned = copy.deepcopy(model)
-        torch.manual_seed(seed)
-        try:
-            _tp_pruner(method, pruned, example, ratio).step()
-        except (RuntimeError, ValueError, IndexError):  # a ratio that would empty a layer
-            return None
-        return pruned, atofx.count_flops(pruned, example) / dense
+        pruned = tp_pruned_at(method, model, example, ratio, seed)
+        return None if pruned is None else (pruned, atofx.count_flops(pruned, example) / dense)
 
     lo, hi, best, tried = 0.0, 1.0, None, []
     for _ in range(16):
@@ -211,6 +206,18 @@ def tp_prune_to_flops(method: str, model: nn.Module, example: torch.Tensor, keep
         raise RuntimeError(f"Torch-Pruning's {method} could not reach {keep:.3f} of the FLOPs (ratio: FLOPs kept "
                            f"{', '.join(tried[:6])})")
     return best
+
+
+def tp_pruned_at(method: str, model: nn.Module, example: torch.Tensor, ratio: float, seed: int) -> nn.Module | None:
+    """A copy of `model` pruned once by Torch-Pruning's `method` at global channel `ratio`, the seed set first;
+    None when that ratio would empty a layer."""
+    pruned = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    try:
+        _tp_pruner(method, pruned, example, ratio).step()
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    return pruned
 
 
 def torch_pruning_version() -> str:
@@ -395,8 +402,8 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
                     task = pending.pop(f)
-                    if f.exception() is not None:
-                        failure(task, f.exception())
+                    if (exc := f.exception()) is not None:
+                        failure(task, exc)
                     else:
                         pending |= {pool.submit(run_task, t): t for t in done(task, f.result())}
     if failed:
@@ -534,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset == "cifar10" and not args.data_dir:
         parser.error("--dataset cifar10 needs --data-dir, a folder holding cifar-10-batches-py/")
 
-    if "random" in args.methods and not random_is_fixed(torch_pruning_version()):
-        parser.error(f"Torch-Pruning {torch_pruning_version()}'s RandomImportance cannot be pruned to a FLOPs "
+    tp_version = torch_pruning_version()
+    if "random" in args.methods and not random_is_fixed(tp_version):
+        parser.error(f"Torch-Pruning {tp_version}'s RandomImportance cannot be pruned to a FLOPs "
                      "target (its issue #498): pip install 'torch-pruning>=1.6.1', or leave random out of --methods")
     if args.device == "cpu" and args.jobs > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -565,11 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, Torch-Pruning "
-          f"{torch_pruning_version()}, {os.cpu_count()} CPU "
+          f"{tp_version}, {os.cpu_count()} CPU "
           f"cores; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
           f"{'/'.join(f'{v:.1f}' for v in load_after)} after")
     machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "torch_pruning": torch_pruning_version(), "python": platform.python_version(), "device": device_name,
+               "torch_pruning": tp_version, "python": platform.python_version(), "device": device_name,
                "load_average_before": load_before, "load_average_after": load_after}
     payload = {"rows": rows, "runs": runs, "figures": checks, "paired": pairs, "epochs": protocol.epochs, "seeds": seeds,
                "model": protocol.model, "dataset": protocol.dataset, "protocol": asdict(protocol),
