@@ -21,7 +21,7 @@ from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.projection import ZIGParams
 from atofx.ato.trainer import ATOTrainer
 from atofx.core.analysis import Analysis
-from atofx.core.nested import map_tensors
+from atofx.core.nested import device_of, map_tensors
 from atofx.core.report import spaces_table
 from atofx.core.visualize import draw_spaces
 from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError
@@ -197,8 +197,8 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
     Under torchrun, 'cuda' and 'auto' mean the GPU of this rank's LOCAL_RANK.
     """
     if device is None:
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        here = device_of(model)
+        return here if here is not None else torch.device("cpu")
     if device == "auto":
         return distributed.rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dev = torch.device(device)
