@@ -18,6 +18,7 @@ bench_accuracy = load_tool("bench_accuracy")
 bench_overhead = load_tool("bench_overhead")
 bench_plots = load_tool("bench_plots")
 bench_ablation = load_tool("bench_ablation")
+bench_machine = load_tool("bench_machine")
 
 
 @pytest.fixture(scope="module")
@@ -366,3 +367,15 @@ def test_paired_differences_are_per_seed():
     assert bench_accuracy.paired(runs, (0.5,))[0]["val"] is None
     # a baseline at other seeds only pairs with nothing
     assert bench_accuracy.paired([runs[0], {**runs[2], "seed": 7}], (0.5,)) == []
+
+
+def test_the_machine_record_names_the_processor_and_keeps_the_tool_s_own_entries(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU @ 2.0GHz\nflags\t: avx\n")
+    assert bench_machine.cpu_model(cpuinfo) == "Test CPU @ 2.0GHz"
+    assert bench_machine.cpu_model(tmp_path / "missing")  # no /proc: what platform knows, never empty
+    record = bench_machine.machine_record(threads=3, torch="overridden")
+    assert record["threads"] == 3 and record["torch"] == "overridden"
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert {"platform", "cpu", "cpu_count", "python"} <= record.keys()
+    json.dumps(record)  # it goes into the tools' JSON as it is

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_accuracy  # noqa: E402
+from bench_machine import machine_record  # noqa: E402
 
 from atofx.core.report import format_table  # noqa: E402
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"rows": rows, "best_on_validation": best["variant"], "protocol": protocol.__dict__,
                    "seeds": args.seeds, "target_pruned": 0.5, "seconds": time.perf_counter() - started,
                    "command": " ".join(["python tools/bench_ablation.py", *(argv if argv is not None else sys.argv[1:])]),
-                   "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+                   "machine": machine_record(),
                    "date": datetime.date.today().isoformat()}
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

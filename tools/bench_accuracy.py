@@ -66,7 +66,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -84,6 +83,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_plots  # noqa: E402
+from bench_machine import cpu_model, machine_record  # noqa: E402
 
 import atofx  # noqa: E402
 from atofx.app.cifar_models import CIFAR_MODELS  # noqa: E402
@@ -571,14 +571,13 @@ def main(argv: list[str] | None = None) -> int:
     pairs = paired(runs, targets)
     for line in paired_lines(pairs):
         print(line)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, Torch-Pruning "
           f"{tp_version}, {os.cpu_count()} CPU "
           f"cores; load average (1/5/15 min) {'/'.join(f'{v:.1f}' for v in load_before)} before, "
           f"{'/'.join(f'{v:.1f}' for v in load_after)} after")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "torch_pruning": tp_version, "python": platform.python_version(), "device": device_name,
-               "load_average_before": load_before, "load_average_after": load_after}
+    machine = machine_record(torch_pruning=tp_version, device=device_name, load_average_before=load_before,
+                             load_average_after=load_after)
     payload = {"rows": rows, "runs": runs, "figures": checks, "paired": pairs, "epochs": protocol.epochs, "seeds": seeds,
                "model": protocol.model, "dataset": protocol.dataset, "protocol": asdict(protocol),
                "lam": args.lam, "ato_options": ato_options, "finetune_lr": args.finetune_lr, "jobs": args.jobs,

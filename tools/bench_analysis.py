@@ -14,7 +14,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import bench_plots
 import torch
+from bench_machine import machine_record
 
 import atofx
 from atofx.app import model_zoo
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median ratio atofx/tp over {len(ratios)} models: {median_ratio:.2f} "
           f"(torch {torch.__version__}, {os.cpu_count()} CPU cores, {REPEATS} runs each, median; "
           f"1-min load average {load[0]:.1f} before, {load[1]:.1f} after)")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "threads": torch.get_num_threads(), "load_average_1min": load}
+    machine = machine_record(threads=torch.get_num_threads(), load_average_1min=load)
     payload = {"median_ratio": median_ratio, "rows": rows, "machine": machine,
                "date": datetime.date.today().isoformat()}
     if args.json:

@@ -24,7 +24,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 import bench_plots
 import torch
 import torchvision
+from bench_machine import machine_record
 from torch import nn
 
 import atofx
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
           f"per-run dense/pruned ratios; torch {torch.__version__}, "
           f"{args.threads} threads, {os.cpu_count()} CPU cores; load average (1/5/15 min) "
           f"{'/'.join(f'{v:.1f}' for v in load_before)} before, {'/'.join(f'{v:.1f}' for v in load_after)} after")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "threads": args.threads,
-               "load_average_before": load_before, "load_average_after": load_after}
+    machine = machine_record(threads=args.threads, load_average_before=load_before, load_average_after=load_after)
     payload = {"rows": rows, "repeats": repeats, "warmup": warmup, "machine": machine,
                "date": datetime.date.today().isoformat()}
     if args.json:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
 import threading
@@ -28,6 +29,7 @@ from typing import Any
 
 import bench_plots
 import torch
+from bench_machine import machine_record
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -194,7 +196,8 @@ def main() -> None:
           f"torch threads {args.threads}")
     payload = {"models": results, "repeats": repeats, "threads": args.threads,
                "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
-               "ratio_inside_window": max(r["ratio_inside_window"] for r in results.values())}
+               "ratio_inside_window": max(r["ratio_inside_window"] for r in results.values()),
+               "machine": machine_record(), "date": datetime.date.today().isoformat()}
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

@@ -16,7 +16,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_machine import machine_record
 
 import atofx
 from atofx.core.report import format_table
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
-            "python": platform.python_version(), "torch": torch.__version__, "atofx": atofx.__version__,
+            "machine": machine_record(), "atofx": atofx.__version__,
             "threads": torch.get_num_threads(), "models": rows, "cycles": cyc}, indent=1))
     failed = len(ok) < len(rows) or "error" in cyc
     return 1 if failed else 0

@@ -23,8 +23,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -32,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from bench_machine import machine_record
 
 import atofx
 from atofx.core.report import format_table
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"compile and prune exactly "
           f"(random mask keeping {KEEP:.0%} of every space, seed {args.seed}; torch {torch.__version__})")
     if args.json:
-        machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "python": platform.python_version()}
+        machine = machine_record()
         payload = {"exact": len(exact), "built": len(built), "rows": rows, "machine": machine,
                    "date": datetime.date.today().isoformat(), "size": args.size, "seed": args.seed}
         args.json.write_text(json.dumps(payload, indent=2))

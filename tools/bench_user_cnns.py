@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from atofx.passes.equivalence import relative_difference
 from atofx.passes.values import evaluating
+from bench_machine import machine_record
 from bench_timm import failed_row
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -171,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{figure['exact']} of {figure['models']} user-style CNNs compile and prune exactly in eval and train mode "
           f"(random mask keeping {KEEP:.0%} of every space, seed {args.seed}; torch {torch.__version__})")
     if args.json:
-        machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "python": platform.python_version()}
+        machine = machine_record()
         command = "python tools/bench_user_cnns.py " + " ".join(sys.argv[1:] if argv is None else argv)
         payload = figure | {"rows": rows, "machine": machine, "date": datetime.date.today().isoformat(),
                             "command": command.strip(), "keep": KEEP, "seed": args.seed}
