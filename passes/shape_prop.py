@@ -19,14 +19,18 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules import module as _module_hooks
 
+from atofx.errors import ShapeError
+
 from . import op_rules
 
 
-class NodeFailed(Exception):
-    """A node failed during shape propagation: the node and the root cause."""
+class NodeFailed(ShapeError):
+    """A node failed during shape propagation: the node and the root cause. The analysis catches it and
+    raises a ShapeError that names the example inputs; a direct user of `ShapeProp` gets this one."""
 
     def __init__(self, node: fx.Node, exc: Exception):
-        super().__init__(node.name)
+        super().__init__(f"shape propagation failed at node '{node.name}' ({node.op} {node.target}): "
+                         f"{type(exc).__name__}: {exc}. Check that the inputs are shaped like one real batch.")
         self.node, self.exc = node, exc
 
 

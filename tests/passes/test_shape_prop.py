@@ -116,7 +116,10 @@ def test_compile_reruns_with_values_when_zeros_fail() -> None:
     model = _SamplesFromConv()
     graph = trace_graph(model)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), pytest.raises(NodeFailed):
+    with torch.no_grad(), pytest.raises(NodeFailed) as failed:
         ShapeProp(model, graph, shape_only=True).propagate(x)
+    # an atofx error in its own right, naming the node, for a direct user of ShapeProp
+    assert isinstance(failed.value, atofx.AtofxError) and failed.value.node.target is torch.multinomial
+    assert "multinomial" in str(failed.value) and "RuntimeError" in str(failed.value)
     ato = atofx.compile(model, (x,))
     assert ato.example_output.shape == (2, 3)
