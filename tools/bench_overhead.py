@@ -128,10 +128,9 @@ class Lockstep:
         return self.elapsed
 
 
-def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    plain_model = copy.deepcopy(model)
-    plain_opt, _ = default_optimizer(plain_model, 10)
+def half_dropped_trainer(model: nn.Module, shape: tuple[int, ...]) -> tuple[ATOTrainer, torch.optim.Optimizer]:
+    """An ATO trainer over `model` (inputs of `shape`) whose mask drops a fixed random half of every space, and the
+    default optimiser over the parameters it steps."""
     ato = atofx.compile(model, (torch.randn(shape),))
     # one pass over D_CN a window epoch: the paper-scale cost (a short run's controller may take up to
     # MAX_AUTO_PASSES passes, ATOConfig.passes; that cost shows in bench_accuracy's "train s")
@@ -140,6 +139,14 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
     opt, _ = default_optimizer(model, 10)
     trainer.mask = {k: (torch.rand(v.shape, generator=torch.Generator().manual_seed(k)) > 0.5).float()
                     for k, v in trainer.mask.items()}
+    return trainer, opt
+
+
+def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    plain_model = copy.deepcopy(model)
+    plain_opt, _ = default_optimizer(plain_model, 10)
+    trainer, opt = half_dropped_trainer(model, shape)
     cn = controller_subset(loader, 0.05, 0)
     loss = nn.functional.cross_entropy
 

@@ -1,10 +1,11 @@
 """Where ATO's training overhead on digits goes (README, "Training overhead", the 2026-12-01 VM).
 
-One thread, epochs run one after another in rounds (the first round warms up): plain `train_epoch` on an eager
-copy of ResNet-20, plain `train_epoch` on the model ATO steps (the traced GraphModule), and ATO's loop without
-and with the projection. Prints each kind's median epoch and its median ratio to the eager plain epoch.
+Four kinds of epoch: plain `train_epoch` on an eager copy of ResNet-20, plain `train_epoch` on the model ATO
+steps (the traced GraphModule), and ATO's loop without and with the projection; the ATO side is
+`bench_overhead`'s (`half_dropped_trainer`). Unlike that tool, whole epochs run one after another in rounds on one
+thread (the first round warms up). Prints each kind's median epoch and its median ratio to the eager plain epoch.
 
-    python docs/results/overhead-digits-probe.py
+    python tools/bench_overhead_probe.py
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import statistics
 import time
 
 import torch
+from bench_overhead import half_dropped_trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-import atofx
 from atofx.app.cifar_models import resnet20
 from atofx.app.datasets import digits
-from atofx.ato.config import ATOConfig
 from atofx.ato.loop import train_one_epoch
 from atofx.ato.plain_training import default_optimizer, train_epoch
-from atofx.ato.trainer import ATOTrainer
 
 ROUNDS = 12
 CPU = torch.device("cpu")
@@ -33,11 +32,7 @@ torch.manual_seed(0)
 model = resnet20(10, 1)
 eager = copy.deepcopy(model)
 eager_opt, _ = default_optimizer(eager, 10)
-trainer = ATOTrainer(atofx.compile(model, (torch.randn(1, 1, 8, 8),)),
-                     ATOConfig(target_flops=0.5, controller_data=0.05, controller_epochs=1), 10, CPU)
-opt, _ = default_optimizer(trainer.model, 10)
-trainer.mask = {k: (torch.rand(v.shape, generator=torch.Generator().manual_seed(k)) > 0.5).float()
-                for k, v in trainer.mask.items()}
+trainer, opt = half_dropped_trainer(model, (1, 1, 8, 8))  # bench_overhead's ATO side
 loader = DataLoader(digits(0)[0], batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
 loss = nn.functional.cross_entropy
 
