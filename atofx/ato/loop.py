@@ -19,6 +19,7 @@ from atofx.ato import checkpoint as ckpt
 from atofx.ato import distributed
 from atofx.ato.batches import check_targets, checked_forward, hits, loader_length, split_batch, to_device
 from atofx.ato.controller import controller_subset
+from atofx.ato.denormals import flush_denormal_state_
 from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.trainer import ATOTrainer
 from atofx.errors import AtofxError, DataError
@@ -70,7 +71,8 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
 
     `model` is what takes the steps (the DistributedDataParallel wrapper under torchrun); the figures
     returned are over all ranks. `scaler` is the run's GradScaler when `precision` is fp16 (fit makes one
-    per run). The loop itself never waits for the device, except for the progress bar on the CPU.
+    per run). The loop itself never waits for the device, except for the progress bar on the CPU. At the end, the
+    optimiser's denormal state is set to zero (`denormals`: stuck momentum of zeroed groups slows CPU steps).
     """
     device = trainer.device
     model = model if model is not None else trainer.model
@@ -104,6 +106,7 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
         if live_postfix and step % 20 == 0:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * float(correct) / seen:.1f}",
                             flops=f"{trainer.flops_kept():.2f}")
+    flush_denormal_state_(optimizer)
     loss_sum, correct, n = distributed.sum_across(loss_sum, correct, torch.tensor(float(seen), device=device))
     return float(loss_sum) / max(float(n), 1.0), 100.0 * float(correct) / max(float(n), 1.0)
 
