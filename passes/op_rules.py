@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torch_pruning as tp
 import torchvision
 from torch import nn
 
@@ -222,13 +221,21 @@ def _ids(drop: np.ndarray | None) -> list[int]:
     return [] if drop is None else [int(i) for i in drop]
 
 
-def _out_only(fn: Callable[[nn.Module, list[int]], object], names: tuple[str, ...]) -> Surgery:
-    """A surgery by one of torch-pruning's out-channel functions, for layers whose state is per channel."""
+def _tp() -> Any:
+    """torch-pruning, imported at the first surgery: with timm installed its import takes 2-3 s, which every
+    `atofx.compile` would otherwise pay."""
+    import torch_pruning
+
+    return torch_pruning
+
+
+def _out_only(fn: str, names: tuple[str, ...]) -> Surgery:
+    """A surgery by torch-pruning's out-channel function `fn`, for layers whose state is per channel."""
 
     def prune(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
         drops = [r[(n, 0)] for n in names if (n, 0) in r]
         if drops and len(drops[0]):
-            fn(m, _ids(drops[0]))
+            getattr(_tp(), fn)(m, _ids(drops[0]))
         return {(n, 0) for n in names}
 
     return prune
@@ -335,6 +342,7 @@ def conv_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
     out_dim, in_dim = (1, 0) if m.transposed else (0, 1)
     out, inp = r.get(("weight", out_dim)), r.get(("weight", in_dim))
     if m.groups == 1:
+        tp = _tp()
         if out is not None and len(out):
             tp.prune_conv_out_channels(m, _ids(out))
         if inp is not None and len(inp):
@@ -421,6 +429,7 @@ def linear(ctx: RuleContext) -> Any:
 
 def linear_surgery(m: nn.Linear, r: Removal) -> set[tuple[str, int]]:
     out, inp = r.get(("weight", 0)), r.get(("weight", 1))
+    tp = _tp()
     if out is not None and len(out):
         tp.prune_linear_out_channels(m, _ids(out))
     if inp is not None and len(inp):
@@ -477,7 +486,7 @@ def instance_norm(ctx: RuleContext) -> Any:
 
 
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
-_batch_norm_surgery = _out_only(tp.prune_batchnorm_out_channels, _NORM_STATE)
+_batch_norm_surgery = _out_only("prune_batchnorm_out_channels", _NORM_STATE)
 
 
 def instance_norm_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
@@ -485,7 +494,7 @@ def instance_norm_surgery(m: nn.Module, r: Removal) -> set[tuple[str, int]]:
     leaves whole, are cut as plain buffers by the rewrite pass."""
     drops = [r[(n, 0)] for n in _NORM_STATE if (n, 0) in r]
     if drops and len(drops[0]):
-        tp.prune_instancenorm_out_channels(m, _ids(drops[0]))
+        _tp().prune_instancenorm_out_channels(m, _ids(drops[0]))
     return {("weight", 0), ("bias", 0)}
 
 
@@ -1233,7 +1242,7 @@ OPS = OpTable([
     Op((nn.Hardtanh, F.hardtanh), "elementwise", unary(_hardtanh_keeps_zero)),
     Op((nn.Threshold,), "elementwise", unary(_threshold_keeps_zero)),
     Op((torch.clamp, Method("clamp"), Method("clamp_")), "elementwise", unary(_clamp_keeps_zero)),
-    Op((nn.PReLU,), "elementwise, per-channel weight", prelu, surgery=_out_only(tp.prune_prelu_out_channels, ("weight",)),
+    Op((nn.PReLU,), "elementwise, per-channel weight", prelu, surgery=_out_only("prune_prelu_out_channels", ("weight",)),
        saved_attrs=("num_parameters",)),
     Op((operator.add, operator.iadd, torch.add, Method("add"), Method("add_")), "add", binary("add")),
     Op((operator.sub, operator.isub, torch.sub, Method("sub"), Method("sub_")), "sub", binary("sub")),

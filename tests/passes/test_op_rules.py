@@ -9,6 +9,8 @@ its consumer. Every model is checked against invariant 1 (`assert_zero_invariant
 from __future__ import annotations
 
 import operator
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -1579,3 +1581,15 @@ def test_reality_check_is_not_vacuous() -> None:
     kinds = {p.values[3] for p in ELEMENTWISE}
     assert kinds == {True, False}
     assert all(isinstance(p.values[2], tuple) and p.values[2] for p in ELEMENTWISE + SCALAR + SPATIAL)
+
+
+def test_torch_pruning_is_imported_at_the_first_surgery_not_at_compile():
+    probe = ("import sys, torch\nimport atofx\n"
+             "ato = atofx.compile(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 2, 1)),\n"
+             "                    (torch.randn(1, 3, 4, 4),))\n"
+             "print('after compile:', 'torch_pruning' in sys.modules)\n"
+             "ato.prune(ato.random_mask(0.5))\n"
+             "print('after prune:', 'torch_pruning' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-3:-1] == ["after compile: False", "after prune: True"]
