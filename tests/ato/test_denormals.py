@@ -53,6 +53,15 @@ def test_flush_zeroes_denormals_only():
     assert torch.equal(opt.state[q]["exp_avg"], torch.tensor([[0.0, 1e-40], [0.5, 0.0]], dtype=torch.float64))
 
 
+def test_flush_keeps_float16_state():
+    p = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    small = torch.tensor([1e-6, -3e-5], dtype=torch.float16)  # float16 denormals, but values a model uses
+    opt.state[p]["momentum_buffer"] = small.clone()
+    flush_denormal_state_(opt)
+    assert torch.equal(opt.state[p]["momentum_buffer"], small)
+
+
 def test_ato_epoch_flushes_the_optimiser_state():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
