@@ -2,7 +2,7 @@
 
 A ZIG the projection has zeroed gives a zero output, so its weights get exactly zero gradient. Their
 momentum (SGD's buffer, Adam's first moment) then shrinks by beta every step. At 0.9 it reaches the
-denormal range (below `torch.finfo(dtype).tiny`, 1.2e-38 in float32) after about 800 steps. It never
+denormal range (below `torch.finfo(dtype).tiny`, 1.2e-38 in float32) after 600-800 steps. It never
 reaches zero, because 0.9 times the smallest denormal rounds back to itself.
 
 CPUs compute on denormals far more slowly than on other floats. Measured on the 2026-12-01 VM: digits
@@ -16,6 +16,8 @@ intra-op threads, and it is a process-wide switch a library should not flip for 
 Zeroing these entries moves an SGD update by less than lr x 1.2e-38, and an Adam one by less than
 lr x 1.2e-30 (through its eps of 1e-8): far below any weight a model trains with. A zeroed group's weights
 stay zero either way.
+
+Called at the end of every epoch of `ato.train` (`loop.train_one_epoch`) and by a custom loop's `ato.end_epoch`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import nn
 from atofx.ato import distributed
 from atofx.ato.batches import split_batch
 from atofx.ato.config import ATOConfig, check_options
+from atofx.ato.denormals import flush_denormal_state_
 from atofx.ato.loop import fit
 from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.projection import ZIGParams
@@ -107,9 +108,13 @@ class ATOModel(Analysis):
         return self._active().controller_step(batch, loss_fn)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Close epoch `epoch` (0-based) of your own loop; updates `ato.mask`."""
-        info = self._active().end_epoch(epoch)
-        self.mask = self._active().final_mask()
+        """Close epoch `epoch` (0-based) of your own loop; updates `ato.mask` and zeroes the denormal state of the
+        optimiser `after_optimizer_step` last saw, as `train` does after each epoch (`denormals`)."""
+        trainer = self._active()
+        info = trainer.end_epoch(epoch)
+        self.mask = trainer.final_mask()
+        if trainer.stepped_optimizer is not None:
+            flush_denormal_state_(trainer.stepped_optimizer)
         return info
 
     def train(

@@ -75,3 +75,20 @@ def test_ato_epoch_flushes_the_optimiser_state():
     train_one_epoch(trainer, data, opt, nn.functional.cross_entropy)
     assert torch.equal(opt.state[idle]["momentum_buffer"], torch.tensor([0.0, 0.25, 0.0]))
     assert not any(denormal(v).any() for s in opt.state.values() for v in s.values() if v.dim())
+
+
+def test_a_custom_loop_flushes_at_end_epoch():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    ato = atofx.compile(model, (torch.randn(1, 1, 6, 6),))
+    ato.start_training(2, 0.5)
+    idle = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([*model.parameters(), idle], lr=0.1, momentum=0.9)
+    opt.state[idle]["momentum_buffer"] = torch.tensor([1e-40, 0.5])
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 6, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+    ato.after_optimizer_step(opt)
+    assert torch.equal(opt.state[idle]["momentum_buffer"], torch.tensor([1e-40, 0.5]))  # only once an epoch
+    ato.end_epoch(0)
+    assert torch.equal(opt.state[idle]["momentum_buffer"], torch.tensor([0.0, 0.5]))
