@@ -92,6 +92,7 @@ class ATOModel(Analysis):
         self.model.to(dev)
         flavour = config.pop("flavour", "atofx")
         self._trainer = ATOTrainer(self, ATOConfig.of(flavour, target_flops=target_flops, **config), epochs, dev)
+        self._stepped_optimizer: torch.optim.Optimizer | None = None  # the custom loop's, flushed at end_epoch
         return self._trainer
 
     def _active(self) -> ATOTrainer:
@@ -102,6 +103,7 @@ class ATOModel(Analysis):
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """ATO's projection; call it right after every `optimizer.step()` of your own loop."""
         self._active().after_optimizer_step(optimizer)
+        self._stepped_optimizer = optimizer
 
     def controller_step(self, batch: Any, loss_fn: Any = None) -> dict[str, float]:
         """One controller update on an (inputs, targets) batch of D_CN; a no-op outside the window."""
@@ -110,11 +112,10 @@ class ATOModel(Analysis):
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Close epoch `epoch` (0-based) of your own loop; updates `ato.mask` and zeroes the denormal state of the
         optimiser `after_optimizer_step` last saw, as `train` does after each epoch (`denormals`)."""
-        trainer = self._active()
-        info = trainer.end_epoch(epoch)
-        self.mask = trainer.final_mask()
-        if trainer.stepped_optimizer is not None:
-            flush_denormal_state_(trainer.stepped_optimizer)
+        info = self._active().end_epoch(epoch)
+        self.mask = self._active().final_mask()
+        if self._stepped_optimizer is not None:
+            flush_denormal_state_(self._stepped_optimizer)
         return info
 
     def train(

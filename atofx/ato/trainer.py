@@ -97,14 +97,12 @@ class ATOTrainer:
         self._prunable_ids = torch.as_tensor(ids, dtype=torch.long)
         # ZIGs dropped by a mask that projected in some epoch (for zigs_revived), by position in _prunable_ids
         self.ever_dropped = torch.zeros(len(ids), dtype=torch.bool)
-        self.stepped_optimizer: torch.optim.Optimizer | None = None  # the last one projected after (custom loops)
         # what batches are checked against; concrete_args fill some of the example's entries themselves
         self.example_inputs = None if ato.trace_options.get("concrete_args") else ato.example_inputs
 
     # ------------------------------------------------------------------ the three user-facing steps
     def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Project the dropped ZIGs after an optimiser step (no-op during warm-up)."""
-        self.stepped_optimizer = optimizer
         hsp = self.config.projection == "hsp"
         lam = self._lambdas() if self.state.epoch >= self.phases.warmup else None
         if lam is not None:  # None: warm-up, or nothing dropped: the projection is the identity
