@@ -281,6 +281,13 @@ def test_overhead_ratios_are_paired_per_repeat():
     for kind in ("outside", "inside"):
         paired = sorted(t / p for t, p in zip(times[kind], times["plain"], strict=True))
         assert r[f"ratio_{kind}_window"] == paired[1]
+        in_order = [t / p for t, p in zip(times[kind], times["plain"], strict=True)]
+        assert r[f"ratio_{kind}_by_third"] == in_order  # three repeats: one a third
+
+
+def test_overhead_thirds_are_medians_of_the_runs_start_middle_and_end():
+    assert bench_overhead.by_third([1.0, 1.2, 1.1, 2.0, 2.2, 2.1, 3.0, 3.1, 2.9]) == [1.1, 2.1, 3.0]
+    assert bench_overhead.by_third([1.0, 3.0]) == [1.0, 3.0]
 
 
 PAYLOADS = {

@@ -7,8 +7,9 @@ three epochs run side by side, taking turns one batch at a time (`Lockstep`), an
 time is the sum of its own turns: the machine's drifts (which on a shared VM move whole epochs by
 5-30%) then fall on all three alike, where epochs run one after the other would each meet
 different ones. Each repeat gives its own ratios to plain; the ratios reported are their medians;
-the digits model, whose epochs are short, gets five times the repeats. Prints a table;
-`--json PATH` writes `ratio_inside_window` and `ratio_outside_window` per model.
+the digits model, whose epochs are short, gets five times the repeats. Prints a table and each model's
+ratios by third of the repeats (`by_third`: a drift shows there); `--json PATH` writes `ratio_inside_window`,
+`ratio_outside_window` and the thirds per model.
 
     python tools/bench_overhead.py            # full: CIFAR ResNet-56 on 32x32 tensors, digits ResNet-20
     python tools/bench_overhead.py --quick    # a few minutes on 2 CPU cores
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import statistics
 import threading
@@ -172,10 +174,20 @@ def measure(model: nn.Module, loader: DataLoader, shape: tuple[int, ...], repeat
             for k, t in zip(kinds, elapsed, strict=True):
                 times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    paired = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"], strict=True))
-              for k in ("outside", "inside")}
+    ratios = {k: [t / p for t, p in zip(times[k], times["plain"], strict=True)] for k in ("outside", "inside")}
     return {"plain_s": med["plain"], "outside_s": med["outside"], "inside_s": med["inside"],
-            "ratio_outside_window": paired["outside"], "ratio_inside_window": paired["inside"], "times_s": times}
+            "ratio_outside_window": statistics.median(ratios["outside"]),
+            "ratio_inside_window": statistics.median(ratios["inside"]),
+            "ratio_outside_by_third": by_third(ratios["outside"]), "ratio_inside_by_third": by_third(ratios["inside"]),
+            "times_s": times}
+
+
+def by_third(ratios: list[float]) -> list[float]:
+    """Medians of the first, middle and last third of the repeats' ratios. A ratio that rises through a run
+    points at state the ATO model builds up: the digits ratios once rose 1.03 -> 1.12 this way, from momentum
+    stuck at a denormal (atofx/ato/denormals.py)."""
+    cuts = [i * len(ratios) // 3 for i in range(4)]
+    return [statistics.median(ratios[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
 
 
 def main() -> None:
@@ -201,6 +213,10 @@ def main() -> None:
     print(f"times: medians of the repeats, each running the three epochs in turns of one batch; ratios: medians "
           f"of the per-repeat ratios; "
           f"torch threads {args.threads}")
+    for name, r in results.items():
+        print(f"{name}, ratios by third of the repeats: outside "
+              + " ".join(f"{x:.3f}" for x in r["ratio_outside_by_third"]) + ", inside "
+              + " ".join(f"{x:.3f}" for x in r["ratio_inside_by_third"]))
     payload = {"models": results, "repeats": repeats, "threads": args.threads,
                "ratio_outside_window": max(r["ratio_outside_window"] for r in results.values()),
                "ratio_inside_window": max(r["ratio_inside_window"] for r in results.values()),
