@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from .channel_layout import ChannelLayout
-from .values import evaluating, tensors_in
+from .values import device_of, evaluating, tensors_in
 from .zig_inference import ZIGSet
 
 
@@ -27,10 +27,10 @@ def relative_difference(a: Any, b: Any) -> float:
 
 
 def run_eval(model: nn.Module, inputs: tuple) -> Any:
-    """Eval-mode, no-grad forward on the model's own device."""
-    p = next(model.parameters(), None)
-    if p is not None:
-        inputs = tuple(x.to(p.device) if isinstance(x, torch.Tensor) else x for x in inputs)
+    """Eval-mode, no-grad forward on the model's own device (`device_of`)."""
+    device = device_of(model)
+    if device is not None:
+        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
     with evaluating(model):
         return model(*inputs)
 

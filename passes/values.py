@@ -2,7 +2,7 @@
 
 Model inputs and outputs are tensors nested in tuples, lists and dicts; checks that compare or count them
 walk that structure with `tensors_in`. A check that runs a model in eval mode must give every layer back
-the mode it had, even when the run fails: `evaluating` does.
+the mode it had, even when the run fails: `evaluating` does; `device_of` is the device it runs on.
 """
 
 from __future__ import annotations
@@ -38,3 +38,10 @@ def evaluating(model: nn.Module, no_grad: bool = True) -> Iterator[nn.Module]:
     finally:
         for m in training:
             m.training = True
+
+
+def device_of(module: nn.Module) -> torch.device | None:
+    """The device of `module`'s first parameter, else of its first buffer; None if it has neither."""
+    state = next(module.parameters(), None)
+    state = state if state is not None else next(module.buffers(), None)
+    return None if state is None else state.device

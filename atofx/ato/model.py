@@ -22,11 +22,12 @@ from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.projection import ZIGParams
 from atofx.ato.trainer import ATOTrainer
 from atofx.core.analysis import Analysis
-from atofx.core.nested import device_of, map_tensors
+from atofx.core.nested import map_tensors
 from atofx.core.report import spaces_table
 from atofx.core.visualize import draw_spaces
 from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError
 from atofx.passes.tracing import LeafSpec
+from atofx.passes.values import device_of
 
 # below these the controller has no time to learn a mask before it freezes (issue 17: 2 epochs, a mask frozen
 # after one epoch of controller steps, 15% accuracy against 62% for plain training)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from atofx.passes.values import device_of
+
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], x: Any) -> Any:
     """The same structure with every tensor `t` replaced by `fn(t)`; tuples, lists and dicts are walked, the rest kept."""
@@ -44,13 +46,6 @@ def describe(x: Any) -> str:
     if isinstance(x, (tuple, list)):
         return "(" + ", ".join(describe(v) for v in x) + ")"
     return type(x).__name__
-
-
-def device_of(module: torch.nn.Module) -> torch.device | None:
-    """The device of `module`'s first parameter, else of its first buffer; None if it has neither."""
-    state = next(module.parameters(), None)
-    state = state if state is not None else next(module.buffers(), None)
-    return None if state is None else state.device
 
 
 def on_device_of(module: torch.nn.Module, x: Any) -> Any:

@@ -11,12 +11,13 @@ import torch.fx as fx
 from torch import nn
 
 from atofx.core.mask import Mask
-from atofx.core.nested import device_of, map_tensors
+from atofx.core.nested import map_tensors
 from atofx.core.serialization import example_inputs_of
 from atofx.errors import EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.rewrite import patch_literals, prune_copy
 from atofx.passes.tracing import trace
+from atofx.passes.values import device_of
 from atofx.passes.zig_inference import ZIGSet
 
 EQUIVALENCE_TOLERANCE = 1e-5

@@ -98,3 +98,20 @@ def test_first_divergence_names_the_node_where_the_pruned_model_fails() -> None:
     ref, new, zigs, keep = _masked_and_pruned(wrong_width)
     assert node_values(new, (X,)).keys() >= {"conv1", "conv2", "relu_1"} and "conv3" not in node_values(new, (X,))
     assert first_divergence(ref, new, (X,), zigs, keep, 1e-5) == "conv3 (call_module conv3): the pruned model failed here"
+
+
+class _Shift(nn.Module):
+    """State in a buffer only: no parameter to take the device from."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.ones(3))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+def test_run_eval_runs_on_the_device_of_a_buffer_only_module():
+    model = _Shift().to("meta")
+    out = run_eval(model, (torch.zeros(3),))
+    assert out.device.type == "meta" and model.training  # the mode given back
