@@ -16,6 +16,13 @@ from atofx.ato.trainer import ATOTrainer
 TINY = torch.finfo(torch.float32).tiny
 
 
+def small_compiled_cnn() -> tuple[nn.Module, atofx.ATOModel]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    return model, atofx.compile(model, (torch.randn(1, 1, 6, 6),))
+
+
 def denormal(t: torch.Tensor) -> torch.Tensor:
     return (t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)
 
@@ -63,10 +70,7 @@ def test_flush_keeps_float16_state():
 
 
 def test_ato_epoch_flushes_the_optimiser_state():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 3))
-    ato = atofx.compile(model, (torch.randn(1, 1, 6, 6),))
+    model, ato = small_compiled_cnn()
     trainer = ATOTrainer(ato, ATOConfig(target_flops=0.5), 4, torch.device("cpu"))
     idle = nn.Parameter(torch.zeros(3))  # no gradient: SGD leaves its state as planted
     opt = torch.optim.SGD([*model.parameters(), idle], lr=0.1, momentum=0.9)
@@ -78,10 +82,7 @@ def test_ato_epoch_flushes_the_optimiser_state():
 
 
 def test_a_custom_loop_flushes_at_end_epoch():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 3))
-    ato = atofx.compile(model, (torch.randn(1, 1, 6, 6),))
+    model, ato = small_compiled_cnn()
     ato.start_training(2, 0.5)
     idle = nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([*model.parameters(), idle], lr=0.1, momentum=0.9)
