@@ -368,11 +368,65 @@ def test_paired_differences_are_per_seed():
     (pair,) = bench_accuracy.paired(runs, (0.5,))
     assert pair["method"] == "static" and pair["seeds"] == [0, 1]
     assert pair["test"] == pytest.approx([-0.5, 0.5]) and pair["val"] == pytest.approx([-0.5, 0.5])
-    assert "-0.50/+0.50 (mean +0.00)" in bench_accuracy.paired_lines([pair])[0]
+    assert "-0.50/+0.50 (mean +0.00, 95% interval" in bench_accuracy.paired_lines([pair])[0]
     runs[0]["val_accuracy"] = None  # a run without a validation split: no validation difference
     assert bench_accuracy.paired(runs, (0.5,))[0]["val"] is None
     # a baseline at other seeds only pairs with nothing
     assert bench_accuracy.paired([runs[0], {**runs[2], "seed": 7}], (0.5,)) == []
+
+
+def test_the_paired_interval_is_student_s_t_over_the_seeds():
+    # differences 1, 2, 3: mean 2, standard deviation 1, t(0.975, 2 degrees of freedom) = 4.303 from the tables
+    assert bench_accuracy.interval95([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5],
+                                                                        abs=1e-3)
+    assert bench_accuracy.interval95([0.4, 0.4]) == pytest.approx([0.4, 0.4])  # no spread, no width
+    assert bench_accuracy.interval95([0.4]) is None and bench_accuracy.interval95(None) is None
+    runs = _runs([("ato", 0.5, 0.5, 91.0), ("ato", 0.5, 0.5, 92.0), ("ato", 0.5, 0.5, 93.0),
+                  ("static", 0.5, 0.5, 90.0), ("static", 0.5, 0.5, 90.0), ("static", 0.5, 0.5, 90.0)])
+    for r, seed in zip(runs, (0, 1, 2, 0, 1, 2), strict=True):
+        r["seed"] = seed
+    (pair,) = bench_accuracy.paired(runs, (0.5,))
+    assert pair["test_interval95"] == pytest.approx(bench_accuracy.interval95([1.0, 2.0, 3.0]))
+    assert "(mean +2.00, 95% interval -0.48 to +4.48)" in bench_accuracy.paired_lines([pair])[0]
+
+
+def _saved(path: Path, runs: list[dict], **protocol) -> Path:
+    path.write_text(json.dumps({"runs": runs, "protocol": {"epochs": 10, **protocol}, "ato_options": {}, "lam": 10.0,
+                                "finetune_lr": 0.01}))
+    return path
+
+
+def test_report_puts_saved_runs_of_one_protocol_in_one_table_without_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_accuracy, "run_all", lambda *a, **k: pytest.fail("--report must not train"))
+    runs = _runs([("dense", 0.0, 1.0, 90.0), ("ato", 0.5, 0.5, 89.0), ("static", 0.5, 0.5, 89.5),
+                  ("dense", 0.0, 1.0, 91.0), ("ato", 0.5, 0.5, 90.0), ("static", 0.5, 0.5, 89.0)])
+    for r, seed in zip(runs, (0, 0, 0, 1, 1, 1), strict=True):
+        r["seed"] = seed
+    a = _saved(tmp_path / "a.json", runs[:3])
+    b = _saved(tmp_path / "b.json", runs[2:])  # static seed 0 in both files, the same result: kept once
+    assert bench_accuracy.main(["--report", str(a), str(b), "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "ato - static at 50% pruned, seeds [0, 1]: test -0.50/+1.00 (mean +0.25, 95% interval" in out
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert len(merged["runs"]) == 6 and merged["sources"] == [str(a), str(b)]
+    assert next(r for r in merged["rows"] if r["method"] == "ato")["acc_mean"] == pytest.approx(89.5)
+    assert merged["figures"]["ato_best_at_0.50"] is True and merged["protocol"] == {"epochs": 10}
+
+
+@pytest.mark.parametrize("case", ["other result", "other protocol", "not a bench json", "missing"])
+def test_report_refuses_runs_that_are_not_one_table(tmp_path, capsys, case):
+    run = _runs([("ato", 0.5, 0.5, 89.0)])[0]
+    a = _saved(tmp_path / "a.json", [run])
+    b = {"other result": lambda: _saved(tmp_path / "b.json", [{**run, "accuracy": 89.1}]),
+         "other protocol": lambda: _saved(tmp_path / "b.json", [run], epochs=30),
+         "not a bench json": lambda: tmp_path.joinpath("b.json").write_text("[1, 2]") and tmp_path / "b.json",
+         "missing": lambda: tmp_path / "b.json"}[case]()
+    with pytest.raises(SystemExit):
+        bench_accuracy.main(["--report", str(a), str(b)])
+    err = capsys.readouterr().err
+    expected = {"other result": "another result for ato at 0.5 pruned, seed 0", "other protocol": "differ in protocol",
+                "not a bench json": "not a JSON written by tools/bench_accuracy.py", "missing": "cannot read"}[case]
+    assert expected in err
 
 
 def test_the_machine_record_names_the_processor_and_keeps_the_tool_s_own_entries(tmp_path):

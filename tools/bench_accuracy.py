@@ -55,6 +55,12 @@ Protocols (`--dataset`):
     python tools/bench_accuracy.py --dataset fashion-mnist --quick --seeds 2 --methods ato --ato-option projection=hsp
     python tools/bench_accuracy.py --dataset fashion-mnist --full --device cuda --jobs 4
     python tools/bench_accuracy.py --quick                                    # digits, about 2 min
+    python tools/bench_accuracy.py --report docs/results/bench-accuracy-fashion-mnist.json  # reprint, no training
+
+ATO's paired differences (ATO minus each method, seed by seed) come with Student's t 95% interval of their mean:
+with 3 seeds it is wide (+-2.48 standard deviations of the differences), and a gap whose interval spans zero is
+a tie on those seeds. `--report` recomputes everything printed here from saved JSON, and puts several files of
+one protocol (extra seeds, say) in one table; runs of one seed that differ (two machines) are refused.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import re
 import statistics
@@ -76,6 +83,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -458,8 +466,9 @@ def figures(rows: list[dict], targets: tuple[float, ...]) -> dict[str, bool]:
 
 
 def paired(runs: list[dict], targets: tuple[float, ...]) -> list[dict]:
-    """ATO minus each other pruning method, seed by seed (test and validation accuracy): a gap smaller than the
-    seed spread of the means can still hold at every seed, and one that flips sign between seeds is noise."""
+    """ATO minus each other pruning method, seed by seed (test and validation accuracy), with the mean difference's
+    95% interval: a gap smaller than the seed spread of the means can still hold at every seed, and one whose
+    interval spans zero is not shown by these seeds either way."""
     by = {(r["method"], r["pruned_flops_target"], r["seed"]): r for r in runs}
     out = []
     for t in targets:
@@ -467,8 +476,9 @@ def paired(runs: list[dict], targets: tuple[float, ...]) -> list[dict]:
             seeds = sorted(s for (method, target, s) in by if method == "ato" and target == t and (m, t, s) in by)
             if seeds:
                 pairs = [(by[("ato", t, s)], by[(m, t, s)]) for s in seeds]
-                out.append({"method": m, "pruned_flops_target": t, "seeds": seeds,
-                            "test": _differences(pairs, "accuracy"), "val": _differences(pairs, "val_accuracy")})
+                test, val = _differences(pairs, "accuracy"), _differences(pairs, "val_accuracy")
+                out.append({"method": m, "pruned_flops_target": t, "seeds": seeds, "test": test, "val": val,
+                            "test_interval95": interval95(test), "val_interval95": interval95(val)})
     return out
 
 
@@ -479,12 +489,26 @@ def _differences(pairs: list[tuple[dict, dict]], key: str) -> list[float] | None
     return [a[key] - b[key] for a, b in pairs]
 
 
+def interval95(differences: list[float] | None) -> list[float] | None:
+    """Student's t 95% interval of the mean paired difference (seeds independent); None under two seeds. With 3
+    seeds it is the mean +- 2.48 standard deviations (t = 4.30 over sqrt(3)), with 5 seeds +- 1.24."""
+    if differences is None or len(differences) < 2:
+        return None
+    n, mean = len(differences), statistics.mean(differences)
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
 def paired_lines(pairs: list[dict]) -> list[str]:
-    def show(d: list[float] | None) -> str:
-        return "-" if d is None else f"{'/'.join(f'{v:+.2f}' for v in d)} (mean {statistics.mean(d):+.2f})"
+    def show(d: list[float] | None, interval: list[float] | None) -> str:
+        if d is None:
+            return "-"
+        spread = "" if interval is None else f", 95% interval {interval[0]:+.2f} to {interval[1]:+.2f}"
+        return f"{'/'.join(f'{v:+.2f}' for v in d)} (mean {statistics.mean(d):+.2f}{spread})"
 
     return [f"ato - {p['method']} at {100 * p['pruned_flops_target']:.0f}% pruned, seeds {p['seeds']}: "
-            f"test {show(p['test'])}, val {show(p['val'])}" for p in pairs]
+            f"test {show(p['test'], p.get('test_interval95'))}, val {show(p['val'], p.get('val_interval95'))}"
+            for p in pairs]
 
 
 def table(rows: list[dict]) -> str:
@@ -495,6 +519,65 @@ def table(rows: list[dict]) -> str:
              for r in sorted(rows, key=lambda r: (r["pruned_flops_target"], METHODS.index(r["method"])))]
     return format_table(["method", "FLOPs pruned (target)", "FLOPs kept", "test acc % (mean)", "std",
                          "val acc %", "train s", "seeds"], cells)
+
+
+def print_results(rows: list[dict], runs: list[dict], targets: tuple[float, ...]) -> tuple[dict, list[dict]]:
+    """The table, issue 13's figures and ATO's paired differences, printed; returns (figures, paired)."""
+    print(table(rows))
+    checks = figures(rows, targets)
+    for name, ok in checks.items():
+        print(f"{name}: {'holds' if ok else 'does NOT hold'}")
+    pairs = paired(runs, targets)
+    for line in paired_lines(pairs):
+        print(line)
+    return checks, pairs
+
+
+# what must agree between saved runs before --report puts them in one table
+_SAME_PROTOCOL = ("protocol", "ato_options", "lam", "finetune_lr")
+
+
+def merged_runs(payloads: dict[str, dict]) -> list[dict]:
+    """The runs of several saved JSONs (same protocol and options) as one list; a run saved twice must agree."""
+    first_path, first = next(iter(payloads.items()))
+    runs: dict[tuple, dict] = {}
+    for path, payload in payloads.items():
+        for key in _SAME_PROTOCOL:
+            if payload.get(key) != first.get(key):
+                raise ValueError(f"{path} and {first_path} differ in {key} ({payload.get(key)!r} against "
+                                 f"{first.get(key)!r}): only runs of one protocol go in one table")
+        for run in payload["runs"]:
+            key = (run["method"], run["pruned_flops_target"], run["seed"])
+            seen = runs.setdefault(key, run)
+            if (seen["accuracy"], seen.get("val_accuracy")) != (run["accuracy"], run.get("val_accuracy")):
+                raise ValueError(f"{path} has another result for {key[0]} at {key[1]:g} pruned, seed {key[2]} "
+                                 f"({run['accuracy']} against {seen['accuracy']}): runs of one seed on two "
+                                 "machines are not one table")
+    return sorted(runs.values(), key=lambda r: (METHODS.index(r["method"]), r["pruned_flops_target"], r["seed"]))
+
+
+def report(paths: list[Path], json_path: Path | None, command: str) -> None:
+    """--report: the table, figures and paired differences of saved runs, recomputed without training."""
+    payloads = {}
+    for path in paths:
+        try:
+            payloads[str(path)] = payload = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {path}: {error}") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("runs"), list):
+            raise ValueError(f"{path} is not a JSON written by tools/bench_accuracy.py --json (it has no runs)")
+    runs = merged_runs(payloads)
+    targets = tuple(sorted({r["pruned_flops_target"] for r in runs} - {0.0}))
+    first = next(iter(payloads.values()))
+    print(f"{len(runs)} runs from {', '.join(payloads)}; seeds {sorted({r['seed'] for r in runs})}, protocol "
+          f"{first.get('protocol')}" + (f", ATO options {first['ato_options']}" if first.get("ato_options") else ""))
+    rows = summarize(runs, targets)
+    checks, pairs = print_results(rows, runs, targets)
+    if json_path:
+        merged = {key: first.get(key) for key in _SAME_PROTOCOL}
+        json_path.write_text(json.dumps({"rows": rows, "runs": runs, "figures": checks, "paired": pairs, **merged,
+                                         "sources": list(payloads), "command": command}, indent=2))
+        print(f"wrote {json_path}")
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -535,7 +618,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="run everything again, ignoring --runs-dir")
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", type=Path, help="also draw the results (see tools/bench_plots.py)")
+    parser.add_argument("--report", nargs="+", metavar="JSON", type=Path, help="train nothing: print the table, "
+                        "figures and paired differences of runs saved with --json (several files of one protocol "
+                        "make one table)")
     args = parser.parse_args(argv)
+    command = " ".join(["python tools/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.report:
+        try:
+            report(args.report, args.json, command)
+        except ValueError as error:
+            parser.error(str(error))
+        return 0
     if args.full and args.dataset != "fashion-mnist":
         parser.error("--full is the paper-scale fashion-mnist protocol; add --dataset fashion-mnist")
     if args.dataset == "cifar10" and not args.data_dir:
@@ -564,13 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{protocol.model} on {protocol.dataset}, {protocol.epochs} epochs per method (TP methods: {half} dense or "
           f"sparse + {protocol.epochs - half} fine-tune), seeds {seeds}, ATO lambda {args.lam:g}"
           + (f", ATO options {ato_options}" if ato_options else ""))
-    print(table(rows))
-    checks = figures(rows, targets)
-    for name, ok in checks.items():
-        print(f"{name}: {'holds' if ok else 'does NOT hold'}")
-    pairs = paired(runs, targets)
-    for line in paired_lines(pairs):
-        print(line)
+    checks, pairs = print_results(rows, runs, targets)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
     print(f"{seconds:.0f} s, {args.jobs} job(s) on {device_name}; torch {torch.__version__}, Torch-Pruning "
           f"{tp_version}, {os.cpu_count()} CPU "
@@ -581,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"rows": rows, "runs": runs, "figures": checks, "paired": pairs, "epochs": protocol.epochs, "seeds": seeds,
                "model": protocol.model, "dataset": protocol.dataset, "protocol": asdict(protocol),
                "lam": args.lam, "ato_options": ato_options, "finetune_lr": args.finetune_lr, "jobs": args.jobs,
-               "command": " ".join(["python tools/bench_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
+               "command": command,
                "seconds": seconds, "machine": machine, "date": datetime.date.today().isoformat()}
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2))
