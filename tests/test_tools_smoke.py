@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ bench_overhead = load_tool("bench_overhead")
 bench_plots = load_tool("bench_plots")
 bench_ablation = load_tool("bench_ablation")
 bench_machine = load_tool("bench_machine")
+bench_widths = load_tool("bench_widths")
 
 
 @pytest.fixture(scope="module")
@@ -439,3 +441,17 @@ def test_the_machine_record_names_the_processor_and_keeps_the_tool_s_own_entries
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert {"platform", "cpu", "cpu_count", "python"} <= record.keys()
     json.dumps(record)  # it goes into the tools' JSON as it is
+
+
+def test_bench_widths_shows_the_channels_each_method_keeps_in_every_prunable_space(capsys):
+    protocol = dataclasses.replace(bench_accuracy.PROTOCOLS["digits"], epochs=2)
+    static = bench_widths.trained("static", 0, 0.5, protocol)
+    assert static.flops(static.mask) / static.flops() <= 0.5 + bench_accuracy.FLOPS_TOLERANCE
+    lines = bench_widths.widths_table({"static": static}).splitlines()
+    prunable = [s for s in static.spaces if not s.pinned]
+    assert len(lines) == 2 + len(prunable) + 1  # header, rule, one row a space, FLOPs kept
+    for line, space in zip(lines[2:], prunable, strict=False):
+        index, name, width, _, kept = line.split()
+        assert (int(index), name, int(width)) == (space.index, space.name, space.width)
+        assert int(kept) == int(static.mask.bits[space.index].sum()) <= space.width
+    assert lines[-1].split()[-1] == f"{static.flops(static.mask) / static.flops():.3f}"
