@@ -222,7 +222,7 @@ def _ids(drop: np.ndarray | None) -> list[int]:
 
 
 def _tp() -> Any:
-    """torch-pruning, imported at the first surgery: with timm installed its import takes 0.5 s warm and up to 3 s
+    """torch-pruning, imported at the first surgery: with timm installed its import takes 0.5 s warm and up to 3.6 s
     cold, which every process's first `atofx.compile` would otherwise pay."""
     import torch_pruning
 

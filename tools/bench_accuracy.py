@@ -239,19 +239,45 @@ def random_is_fixed(version: str) -> bool:
 
 
 # ---------------------------------------------------------------------- one run
-def run_task(task: dict) -> dict:
-    """One run: a method at a seed and target, or a shared first half ("half": dense, "sparse": group-norm)."""
+def base_task(protocol: Protocol, finetune_lr: float = 0.01, lam: float = PAPER_LAMBDA, data_dir: str | None = None,
+              device: str = "cpu", threads: int = 1, ato_options: dict[str, Any] | None = None,
+              workers: int = 0) -> dict:
+    """What every run of one benchmark shares; a run adds its method, seed and target."""
+    return {"protocol": asdict(protocol), "finetune_lr": finetune_lr, "lam": lam, "data_dir": data_dir,
+            "device": device, "threads": threads, "ato_options": ato_options or {}, "workers": workers}
+
+
+def prepared(task: dict) -> tuple[DataLoader, DataLoader | None, DataLoader, nn.Module, torch.Tensor, torch.device]:
+    """A run's (train, validation, test) loaders, its seeded model and example input on its device, and the device;
+    sets the run's torch threads (another count can round otherwise)."""
     if task["device"] == "cpu":
         torch.set_num_threads(task.get("threads", 1))
     warnings.filterwarnings("ignore")
+    device = torch.device(task["device"])
+    train, val, test, shape = _loaders(task)
+    model = _model(task, shape[1]).to(device)
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(task["seed"])).to(device)
+    return train, val, test, model, example, device
+
+
+def train_atofx(task: dict, model: nn.Module, example: torch.Tensor, train: DataLoader,
+                device: torch.device) -> tuple[atofx.ATOModel, list[dict]]:
+    """The ato or static run of `task` (its method), trained: (the ATOModel, whose `mask` it chose; the history)."""
+    proto = Protocol(**task["protocol"])
+    ato = atofx.compile(model, (example,))
+    history = ato.train(train, proto.epochs, target_flops=1.0 - task["target"], method=task["method"],
+                        seed=task["seed"], lam=task["lam"], device=device, progress=False,
+                        **({"controller_data": proto.controller_data} | task["ato_options"]))
+    return ato, history
+
+
+def run_task(task: dict) -> dict:
+    """One run: a method at a seed and target, or a shared first half ("half": dense, "sparse": group-norm)."""
     method, seed, target = task["method"], task["seed"], task["target"]
     proto = Protocol(**task["protocol"])
     epochs, half = proto.epochs, proto.epochs // 2
-    device = torch.device(task["device"])
     started = time.perf_counter()
-    train, val, test, shape = _loaders(task)
-    model = _model(task, shape[1]).to(device)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    train, val, test, model, example, device = prepared(task)
     dense_flops = atofx.count_flops(model, example)
 
     def scores(m: nn.Module) -> dict[str, float | None]:
@@ -271,10 +297,7 @@ def run_task(task: dict) -> dict:
         train_plain(model, train, half, device, seed, before_step=before_step)
         result["state"] = {k: v.cpu() for k, v in model.state_dict().items()}
     elif method in ("ato", "static"):
-        ato = atofx.compile(model, (example,))
-        history = ato.train(train, epochs, target_flops=1.0 - target, method=method,
-                            seed=seed, lam=task["lam"], device=device, progress=False,
-                            **({"controller_data": proto.controller_data} | task["ato_options"]))
+        ato, history = train_atofx(task, model, example, train, device)
         small = ato.prune()
         result.update(flops_kept=atofx.count_flops(small, example) / dense_flops, **scores(small))
         result["zigs"] = {k: [h[k] for h in history] for k in ("zigs_dropped", "zigs_zero", "zigs_revived",
@@ -349,9 +372,8 @@ def run_all(seeds: list[int], targets: tuple[float, ...], protocol: Protocol, fi
 
     With a `store`, runs found in it are not run again (a shared first half only when a run needs it), and
     each finished run is saved there at once."""
-    base = {"protocol": asdict(protocol), "finetune_lr": finetune_lr, "lam": lam, "data_dir": data_dir,
-            "device": device, "threads": 1 if jobs > 1 else torch.get_num_threads(),
-            "ato_options": ato_options or {}, "workers": workers}
+    base = base_task(protocol, finetune_lr, lam, data_dir, device, 1 if jobs > 1 else torch.get_num_threads(),
+                     ato_options, workers)
     halves = sorted({_first_half(m) for m in methods if m in TP_METHODS})
     first = [base | {"method": h, "seed": s, "target": 0.0} for h in halves for s in seeds]  # they unlock the rest
     first += [base | {"method": m, "seed": s, "target": t} for t in targets for s in seeds

@@ -1,6 +1,6 @@
 """Which channels ATO and the static mask keep, space by space, in one run of the accuracy benchmark.
 
-One run per method at one seed and target, trained exactly as `tools/bench_accuracy.py` trains it (its
+One run per method at one seed and target, trained by `tools/bench_accuracy.py`'s own steps (its
 protocol, data, model, seed and one torch thread), so the masks are the ones behind that run's accuracy. It
 prints every prunable channel space with its width, its share of the dense FLOPs and the channels each method
 keeps. Why it exists: on the second VM `static` fell to 86.32% at seed 4 (50% pruned) where ATO had 89.59%;
@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,17 +28,11 @@ from atofx.core.report import format_table, space_records  # noqa: E402
 
 def trained(method: str, seed: int, target: float, protocol: bench_accuracy.Protocol,
             data_dir: str | None = None) -> atofx.ATOModel:
-    """The benchmark's `method` run at `seed` and `target` (share of FLOPs pruned), trained; `ato.mask` is its mask."""
-    torch.set_num_threads(1)  # as bench_accuracy's runs: another thread count can round otherwise
-    warnings.filterwarnings("ignore")
-    task = {"protocol": asdict(protocol), "seed": seed, "data_dir": data_dir, "workers": 0}
-    train, _, _, shape = bench_accuracy._loaders(task)
-    model = bench_accuracy._model(task, shape[1])
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    ato = atofx.compile(model, (example,))
-    ato.train(train, protocol.epochs, target_flops=1.0 - target, method=method, seed=seed,
-              lam=bench_accuracy.PAPER_LAMBDA, device="cpu", progress=False, controller_data=protocol.controller_data)
-    return ato
+    """The benchmark's `method` run at `seed` and `target` (share of FLOPs pruned), trained by bench_accuracy's own
+    steps on one thread (as its runs with --jobs 2); `ato.mask` is its mask."""
+    task = bench_accuracy.base_task(protocol, data_dir=data_dir) | {"method": method, "seed": seed, "target": target}
+    train, _, _, model, example, device = bench_accuracy.prepared(task)
+    return bench_accuracy.train_atofx(task, model, example, train, device)[0]
 
 
 def widths_table(runs: dict[str, atofx.ATOModel]) -> str:
