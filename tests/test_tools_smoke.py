@@ -455,3 +455,19 @@ def test_bench_widths_shows_the_channels_each_method_keeps_in_every_prunable_spa
         assert (int(index), name, int(width)) == (space.index, space.name, space.width)
         assert int(kept) == int(static.mask.bits[space.index].sum()) <= space.width
     assert lines[-1].split()[-1] == f"{static.flops(static.mask) / static.flops():.3f}"
+
+
+def test_first_seed_runs_the_seeds_after_a_saved_table(tmp_path, monkeypatch):
+    asked = []
+
+    def run_all(seeds, *args, **kwargs):
+        asked.append(seeds)
+        return []
+
+    monkeypatch.setattr(bench_accuracy, "run_all", run_all)
+    monkeypatch.setattr(bench_accuracy, "print_results", lambda *a: ({}, []))
+    bench_accuracy.main(["--first-seed", "3", "--seeds", "2", "--methods", "dense", "--runs-dir", str(tmp_path)])
+    bench_accuracy.main(["--first-seed", "5", "--quick", "--methods", "dense", "--runs-dir", str(tmp_path)])
+    assert asked == [[3, 4], [5]]
+    with pytest.raises(SystemExit):
+        bench_accuracy.main(["--first-seed", "-1", "--methods", "dense"])

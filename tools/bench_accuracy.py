@@ -56,6 +56,8 @@ Protocols (`--dataset`):
     python tools/bench_accuracy.py --dataset fashion-mnist --full --device cuda --jobs 4
     python tools/bench_accuracy.py --quick                                    # digits, about 2 min
     python tools/bench_accuracy.py --report docs/results/bench-accuracy-fashion-mnist.json  # reprint, no training
+    python tools/bench_accuracy.py --dataset fashion-mnist --jobs 2 --first-seed 3 --seeds 5 --json more.json
+    python tools/bench_accuracy.py --report docs/results/bench-accuracy-fashion-mnist.json more.json  # seeds 0-7
 
 ATO's paired differences (ATO minus each method, seed by seed) come with Student's t 95% interval of their mean:
 with 3 seeds it is wide (+-2.48 standard deviations of the differences), and a gap whose interval spans zero is
@@ -622,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                         "training images, 160 epochs (a GPU box: add --device cuda)")
     parser.add_argument("--epochs", type=int, help="total epochs per method (default: the protocol's)")
     parser.add_argument("--seeds", type=int, help="number of seeds (default 3, quick 1)")
+    parser.add_argument("--first-seed", type=int, default=0, metavar="K", help="seeds K, K+1, ...: more seeds for "
+                        "a saved table without its first ones again; --report merges the two JSONs (default 0)")
     parser.add_argument("--targets", nargs="+", type=float, help="shares of FLOPs removed (default 0.5 0.7)")
     parser.add_argument("--finetune-lr", type=float, default=0.01, help="start of the fine-tuning cosine (TP methods)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each on the CPU")
@@ -664,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     protocol = PROTOCOLS["fashion-mnist-full" if args.full else args.dataset]
     protocol = replace(protocol, epochs=args.epochs or protocol.epochs, model=args.model or protocol.model)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    if args.first_seed < 0:
+        parser.error(f"--first-seed takes a seed of 0 or more, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
     targets = tuple(args.targets or ((0.5,) if args.quick else TARGETS))
     ato_options = dict(args.ato_option)
     load_before = os.getloadavg()
