@@ -263,6 +263,23 @@ def test_ablation_runs_each_variant_with_its_options_and_static_beside_the_defau
     assert "static" in bench_ablation.table(rows)
 
 
+def test_ablation_variants_change_one_point_each_on_the_issue_time_behaviour():
+    """Issue 14's table: each point alone on `before`, all six together, and today's defaults."""
+    from atofx.ato.config import ATOConfig
+
+    configs = {name: ATOConfig.of(**options) for name, (_, options) in bench_ablation.VARIANTS.items()}
+    before = dataclasses.asdict(configs["before"])
+    changed = {name: {k for k, v in dataclasses.asdict(c).items() if v != before[k]} for name, c in configs.items()}
+    assert changed["decay"] == {"step_size", "lam_schedule", "lam_boost"}
+    assert changed["regularizer"] == {"regularizer", "controller_optimizer", "head_bias"}
+    for name, key in [("hsp", "projection"), ("sampling", "sampling"), ("freeze", "freeze_mask"),
+                      ("internal", "search_space")]:
+        assert changed[name] == {key}
+    assert changed["official"] == set().union(*(changed[n] for n in ("decay", "sampling", "regularizer", "freeze",
+                                                                    "internal")))  # hsp is not the authors' default
+    assert configs["defaults"] == ATOConfig() and changed["defaults"] >= {"step_size", "window_mask"}
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_accuracy_benchmark_trains_on_the_real_fashion_mnist():
     """CI installs Debian's dataset-fashion-mnist: one short run of ATO on a subset of the real files."""
