@@ -430,6 +430,15 @@ def test_report_puts_saved_runs_of_one_protocol_in_one_table_without_training(tm
     assert len(merged["runs"]) == 6 and merged["sources"] == [str(a), str(b)]
     assert next(r for r in merged["rows"] if r["method"] == "ato")["acc_mean"] == pytest.approx(89.5)
     assert merged["figures"]["ato_best_at_0.50"] is True and merged["protocol"] == {"epochs": 10}
+    assert merged["seeds"] == [0, 1] and merged["machine"] is None  # the sources record no machine
+
+
+def test_report_keeps_the_machine_only_when_every_source_ran_on_one_kind():
+    same = {"cpu": "Xeon", "cpu_capability": "AVX512", "torch": "2.14.1", "load_average_before": [1.0, 1.0, 1.0]}
+    merged = bench_accuracy.common_machine([{"machine": same}, {"machine": same | {"load_average_before": [3.0] * 3}}])
+    assert merged == {"cpu": "Xeon", "cpu_capability": "AVX512", "torch": "2.14.1"}
+    assert bench_accuracy.common_machine([{"machine": same}, {"machine": same | {"cpu_capability": "AVX2"}}]) is None
+    assert bench_accuracy.common_machine([{"machine": same}, {}]) is None
 
 
 @pytest.mark.parametrize("case", ["other result", "other protocol", "not a bench json", "missing"])

@@ -598,10 +598,25 @@ def report(paths: list[Path], json_path: Path | None, command: str) -> None:
     rows = summarize(runs, targets)
     checks, pairs = print_results(rows, runs, targets)
     if json_path:
-        merged = {key: first.get(key) for key in _SAME_PROTOCOL}
+        merged = {key: first.get(key) for key in (*_SAME_PROTOCOL, "model", "dataset", "epochs")}
         json_path.write_text(json.dumps({"rows": rows, "runs": runs, "figures": checks, "paired": pairs, **merged,
-                                         "sources": list(payloads), "command": command}, indent=2))
+                                         "seeds": sorted({r["seed"] for r in runs}), "sources": list(payloads),
+                                         "machine": common_machine(list(payloads.values())), "command": command,
+                                         "date": datetime.date.today().isoformat()}, indent=2))
         print(f"wrote {json_path}")
+
+
+# what of a machine record decides a run's result: another processor or library rounds otherwise
+_SAME_MACHINE = ("cpu", "cpu_capability", "device", "torch", "torch_pruning")
+
+
+def common_machine(payloads: list[dict]) -> dict | None:
+    """The machine of saved runs merged by --report, when every source ran on one kind of machine (its
+    `_SAME_MACHINE` fields agree), without the load averages of one invocation; None otherwise."""
+    records = [p.get("machine") or {} for p in payloads]
+    if any(not r or any(r.get(k) != records[0].get(k) for k in _SAME_MACHINE) for r in records):
+        return None
+    return {k: v for k, v in records[0].items() if not k.startswith("load_average")}
 
 
 def _option(text: str) -> tuple[str, Any]:
