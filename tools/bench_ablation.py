@@ -41,19 +41,23 @@ from atofx.core.report import format_table  # noqa: E402
 BEFORE: dict = {"step_size": "lr", "lam_schedule": "ramp", "lam_boost": 10.0, "controller_epochs": 1,
                 "window_mask": "controller"}
 
+
+def _official(*keys: str) -> dict:
+    """`BEFORE` with the authors' choice (`OFFICIAL`) for `keys`: one of the issue's points switched alone."""
+    return BEFORE | {k: OFFICIAL[k] for k in keys}
+
+
 # name -> (what it changes, ato.train options); "defaults" also runs `static`
 VARIANTS: dict[str, tuple[str, dict]] = {
     "before": ("atofx's ATO when issue 14 was filed", BEFORE),
     "decay": ("point 1: dropped groups decay (step lam * r_l * lr; lambda x100 at (E-5)/2)",
-              BEFORE | {k: OFFICIAL[k] for k in ("step_size", "lam_schedule", "lam_boost")}),
+              _official("step_size", "lam_schedule", "lam_boost")),
     "hsp": ("point 2: OTO's half-space projector, eps 0.1", BEFORE | {"projection": "hsp"}),
-    "sampling": ("point 3: one Gumbel sample, soft mask in CE, hard in FLOPs",
-                 BEFORE | {"sampling": OFFICIAL["sampling"]}),
+    "sampling": ("point 3: one Gumbel sample, soft mask in CE, hard in FLOPs", _official("sampling")),
     "regularizer": ("point 4: two-sided regulariser x2, AdamW controller, heads without bias",
-                    BEFORE | {k: OFFICIAL[k] for k in ("regularizer", "controller_optimizer", "head_bias")}),
-    "freeze": ("point 5: the frozen mask is the controller's, no bisection",
-               BEFORE | {"freeze_mask": OFFICIAL["freeze_mask"]}),
-    "internal": ("point 6: gates inside residual blocks only", BEFORE | {"search_space": OFFICIAL["search_space"]}),
+                    _official("regularizer", "controller_optimizer", "head_bias")),
+    "freeze": ("point 5: the frozen mask is the controller's, no bisection", _official("freeze_mask")),
+    "internal": ("point 6: gates inside residual blocks only", _official("search_space")),
     "official": ("points 1-6 together: the authors' code (one pass over D_CN, as theirs)",
                  {"flavour": "official", "controller_epochs": 1}),
     "defaults": ("today's defaults (ATOConfig())", {}),
