@@ -171,6 +171,8 @@ def test_accuracy_benchmark_runs_every_method_on_fashion_mnist_files(tmp_path):
     for r in runs:
         assert 0.0 <= r["accuracy"] <= 100.0 and 0.0 <= r["val_accuracy"] <= 100.0 and 0.0 < r["flops_kept"] <= 1.0
         assert r["seconds_total"] >= r["seconds"] > 0
+        if r["method"] in ("ato", "static"):  # one per epoch, inside the run's time
+            assert len(r["epoch_seconds"]) == SMALL_FASHION.epochs and 0 < sum(r["epoch_seconds"]) < r["seconds"]
     for r in runs:
         if r["method"] in bench_accuracy.TP_METHODS:
             # at most the target; the bisected global ratio moves whole channels, ~1 point a step on this tiny net

@@ -305,6 +305,7 @@ def run_task(task: dict) -> dict:
         result["zigs"] = {k: [h[k] for h in history] for k in ("zigs_dropped", "zigs_zero", "zigs_revived",
                                                                 "mask_bits_changed", "flops_kept")}
         result["zigs_revived_max"] = max(result["zigs"]["zigs_revived"])
+        result["epoch_seconds"] = [h["seconds"] for h in history]  # the rest of `seconds`: tracing, pruning, scoring
     elif method in TP_METHODS:
         model.load_state_dict(task["state"])
         # pruned on the CPU (each of the bisection's tries copies the model and builds Torch-Pruning's graph: host
