@@ -46,8 +46,9 @@ Protocols (`--dataset`):
   paper's share.
 - fashion-mnist --full: the paper-scale protocol for a GPU box: ResNet-56, all 55,000 training images
   that are not validation, 160 epochs. On an H200 (2026-12-04) every method runs; alone, an ATO training step
-  takes 28 ms, so a run is ~32 minutes and the 3-seed table ~14 GPU-hours. Runs sharing one GPU (--jobs) each went at
-  under half their solo speed there, ATO's controller steps and Torch-Pruning's regulariser slowed the most.
+  takes 28 ms, so a run is ~32 minutes and the 3-seed table ~14 GPU-hours. Runs sharing one GPU (--jobs)
+  slowed down there: 9 runs of 19 epochs at once finished none in 445 s (alone ~230 s); ATO's controller and
+  Torch-Pruning's regulariser the most.
 - digits (default; the quick smoke benchmark): scikit-learn's 8x8 digits, ResNet-20, batch 64, 30 epochs,
   the held-out 20% as the test set, no validation split (every method lands at 98-99% there).
 - cifar10 (`--data-dir` holding `cifar-10-batches-py/`): ResNet-56, batch 128, crop + flip, the test set.
