@@ -254,9 +254,9 @@ def base_task(protocol: Protocol, finetune_lr: float = 0.01, lam: float = PAPER_
 
 def prepared(task: dict) -> tuple[DataLoader, DataLoader | None, DataLoader, nn.Module, torch.Tensor, torch.device]:
     """A run's (train, validation, test) loaders, its seeded model and example input on its device, and the device;
-    sets the run's torch threads (another count can round otherwise)."""
-    if task["device"] == "cpu":
-        torch.set_num_threads(task.get("threads", 1))
+    sets the run's torch threads: on the CPU another count can round otherwise, and with a GPU each of --jobs runs
+    would take every core for its CPU-side work (augmentation, Torch-Pruning's pruning)."""
+    torch.set_num_threads(task.get("threads", 1))
     warnings.filterwarnings("ignore")
     device = torch.device(task["device"])
     train, val, test, shape = _loaders(task)
