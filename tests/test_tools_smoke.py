@@ -179,7 +179,6 @@ def test_accuracy_benchmark_runs_every_method_on_fashion_mnist_files(tmp_path):
             assert 0.48 <= r["flops_kept"] <= 0.5 and r["seconds_total"] > r["seconds"]  # + the shared first half
 
 
-
 def test_a_run_takes_its_thread_count_on_any_device():
     """--jobs N gives each run one thread, on a GPU box too (meta stands in for the GPU: no CPU compute)."""
     proto = bench_accuracy.Protocol("digits", "resnet20", 2, 64, None, 0, 0.5)
@@ -187,10 +186,11 @@ def test_a_run_takes_its_thread_count_on_any_device():
     try:
         torch.set_num_threads(2)
         task = bench_accuracy.base_task(proto, device="meta", threads=1) | {"method": "dense", "seed": 0, "target": 0.0}
-        *_, model, example, device = bench_accuracy.prepared(task)
+        *_, model, _, device = bench_accuracy.prepared(task)
         assert torch.get_num_threads() == 1 and device.type == "meta" and next(model.parameters()).is_meta
     finally:
         torch.set_num_threads(before)
+
 
 def test_accuracy_benchmark_runs_second_halves_in_its_process_pool_from_the_shared_first_half():
     """--jobs 2: a seed's first half is trained once in a worker and both second halves start from it."""
