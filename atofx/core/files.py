@@ -29,6 +29,18 @@ def carries_code(exc: pickle.UnpicklingError) -> bool:
     return _CODE_MESSAGE.search(msg.split("WeightsUnpickler error:")[-1]) is not None
 
 
+# failures to reach a file, which say nothing about what is in it: they propagate as Python raised them
+ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, in one line: the weights-only reader's own reason, without the advice torch
+    wraps around it (which suggests `weights_only=False`, the load atofx exists not to make)."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def safe_load(path: str | Path, refused: str) -> Any:
     """torch.load(weights_only=True) on the CPU; a file that carries code raises UnsafeCheckpointError, its message
     `refused` (what the user can do) after the path. Any other failure propagates as torch raised it."""
@@ -36,7 +48,7 @@ def safe_load(path: str | Path, refused: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if carries_code(exc):
-            raise UnsafeCheckpointError(f"{path} {refused} ({exc})") from exc
+            raise UnsafeCheckpointError(f"{path} {refused} ({load_failure(exc)})") from exc
         raise
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from atofx.core.files import atomic_save, safe_load
+from atofx.core.files import ACCESS_ERRORS, atomic_save, load_failure, safe_load
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
 from atofx.passes.op_rules import OPS
@@ -262,10 +262,10 @@ def read_payload(path: str | Path) -> dict[str, Any]:
     try:
         payload = safe_load(path, "carries code or objects that are not plain tensors and numbers; it was refused "
                                   "without running it. Only load files from sources you trust with torch.load directly.")
-    except (OSError, UnsafeCheckpointError):
+    except (*ACCESS_ERRORS, UnsafeCheckpointError):
         raise
-    except Exception as exc:  # truncated zip, empty file, stray bytes: the weights-only reader fails in many ways
-        raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # truncated zip (an OSError at some lengths), empty file, stray bytes: many ways to fail
+        raise AtofxError(f"{path} is damaged or not a file written by atofx.save ({load_failure(exc)})") from exc
     return payload
 
 

@@ -170,8 +170,9 @@ def test_a_file_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "version": 1, "state_dict": {}, "layers": {}, "graph": None, "hook": Evil(marker)},
                path)
-    with pytest.raises(atofx.UnsafeCheckpointError, match=r"refused without running it"):
+    with pytest.raises(atofx.UnsafeCheckpointError, match=r"refused without running it") as err:
         atofx.load(path)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)  # not torch's advice to unsafe-load
     with pytest.raises(atofx.UnsafeCheckpointError):
         atofx.load(path, model=torchvision.models.resnet18())
     assert not marker.exists()
@@ -232,12 +233,18 @@ def test_files_not_written_by_atofx_give_an_atofx_error(saved, tmp_path):
     with pytest.raises(atofx.AtofxError, match=r"not an atofx pruned-model file"):
         atofx.load(tensor)
     data = saved[0].read_bytes()
-    damaged = {"text.pt": b"hello, not a model\n", "empty.pt": b"", "truncated.pt": data[: len(data) // 2]}
+    damaged = {"text.pt": b"hello, not a model\n", "empty.pt": b"", "noise.pt": bytes(range(33, 53))}
+    # cut short anywhere: at some lengths torch's zip reader fails with a bare OSError (EINVAL), not a RuntimeError
+    damaged |= {f"cut{n}.pt": data[:n] for n in (100, 5_000, 50_000, len(data) // 2, len(data) - 100)}
     for name, content in damaged.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(atofx.AtofxError, match=r"damaged or not a file written by atofx\.save") as err:
             atofx.load(tmp_path / name)
         assert type(err.value) is atofx.AtofxError, f"{name}: damage is not code"
+        # one line, and not torch's advice to load with weights_only=False
+        assert "\n" not in str(err.value) and "weights_only" not in str(err.value), name
+    with pytest.raises(FileNotFoundError):  # a path that is not there is not a damaged file
+        atofx.load(tmp_path / "missing.pt")
 
 
 def test_save_replaces_a_file_atomically(saved, tmp_path):
