@@ -57,3 +57,12 @@ class MaskError(AtofxError):
 
 class AtofxWarning(UserWarning):
     """Something runs but probably not as the user hopes (the command line prints it as `atofx: warning:`)."""
+
+
+class ScheduleWarning(AtofxWarning):
+    """The training schedule leaves ATO's controller too little to learn its mask from. `diagnosis` says why, apart
+    from the advice, which each interface words in its own terms (keywords in Python, flags on the command line)."""
+
+    def __init__(self, diagnosis: str, advice: str) -> None:
+        super().__init__(f"{diagnosis} {advice}")
+        self.diagnosis = diagnosis

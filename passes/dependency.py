@@ -9,6 +9,7 @@ An op without a rule, or a rule whose answer does not fit, pins every channel it
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch.fx as fx
@@ -16,6 +17,7 @@ from torch import nn
 
 from . import op_rules
 from .channel_layout import ChannelLayout, layouts_in
+from .path_tracer import DeclaredLeaves, LeafSpec
 from .registry import OpTable
 from .rule_context import ChannelFacts, RuleContext, output_shapes, tensor_shape
 from .tracing import EVAL_IDENTITY
@@ -52,10 +54,12 @@ class ChannelDependencyPass:
     or the traced model with its `graph`; `ops` is the op table (`op_rules.OPS` unless given).
     """
 
-    def __init__(self, root: nn.Module, graph: fx.Graph | None = None, ops: OpTable | None = None):
+    def __init__(self, root: nn.Module, graph: fx.Graph | None = None, ops: OpTable | None = None,
+                 leaf_modules: Iterable[LeafSpec] = ()):
         self.root = root
         self.graph = graph if graph is not None else root.graph
         self.ops = op_rules.OPS if ops is None else ops
+        self.declared = DeclaredLeaves(leaf_modules)  # opaque at the user's request: pinned, but not unknown
 
     def run(self) -> ChannelFacts:
         facts = ChannelFacts(aliases=tensor_aliases(self.root))
@@ -85,8 +89,10 @@ class ChannelDependencyPass:
             has_tensor_io = ctx.input_layouts() or ctx.out_shape is not None or output_shapes(node)
             if not has_tensor_io:
                 return None
-            ctx.facts.unknown_ops[node.name] = what
-            reason = f"unknown op: {what}"
+            declared = node.op == "call_module" and self.declared(ctx.module, str(node.target))
+            if not declared:
+                ctx.facts.unknown_ops[node.name] = what
+            reason = f"kept opaque (leaf_modules): {what}" if declared else f"unknown op: {what}"
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
         out = op.rule(ctx)

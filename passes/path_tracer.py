@@ -19,6 +19,19 @@ _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, typ
 EVAL_IDENTITY = "atofx_eval_identity"  # node meta: a module kept as a call, the identity in eval mode
 
 
+class DeclaredLeaves:
+    """The modules a user asked to keep opaque (`leaf_modules`): classes, qualified paths or instances."""
+
+    def __init__(self, leaf_modules: Iterable[LeafSpec]) -> None:
+        leaves = list(leaf_modules)
+        self._types = tuple(x for x in leaves if isinstance(x, type))
+        self._paths = {x for x in leaves if isinstance(x, str)}
+        self._ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+
+    def __call__(self, m: nn.Module, path: str) -> bool:
+        return isinstance(m, self._types) or path in self._paths or id(m) in self._ids
+
+
 class _TrainingFlag:
     """Stands in for a module's `training` while tracing: to Python it is the module's mode (or False while the
     tracer probes eval mode); as an argument it becomes a read of the GraphModule's own `training`, so
@@ -37,10 +50,7 @@ class PathTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[LeafSpec]):
         super().__init__()
-        leaves = list(leaf_modules)
-        self._leaf_types = tuple(x for x in leaves if isinstance(x, type))
-        self._leaf_paths = {x for x in leaves if isinstance(x, str)}
-        self._leaf_ids = {id(x) for x in leaves if isinstance(x, nn.Module)}
+        self.declared = DeclaredLeaves(leaf_modules)
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
         self._param_names: dict[int, str] | None = None
@@ -50,13 +60,7 @@ class PathTracer(fx.Tracer):
         self._param_cache: dict[str, Any] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if (
-            isinstance(m, self._leaf_types)
-            or module_qualified_name in self._leaf_paths
-            or id(m) in self._leaf_ids
-        ):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return self.declared(m, module_qualified_name) or super().is_leaf_module(m, module_qualified_name)
 
     def create_node(
         self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None, type_expr: Any = None

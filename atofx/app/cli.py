@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import io
 import re
 import sys
@@ -16,8 +17,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from atofx.app.train_command import TRAIN_HELP, add_train
-from atofx.errors import AtofxError, AtofxWarning, ShapeError
+from atofx.app.train_command import SCHEDULE_ADVICE, TRAIN_HELP, add_train
+from atofx.errors import AtofxError, AtofxWarning, ConfigError, ScheduleWarning, ShapeError
 
 EXIT_ERROR = 2
 
@@ -89,7 +90,12 @@ def _file_stem(model: str) -> str:
 def _run_inspect(args: argparse.Namespace) -> int:
     from atofx.app.model_zoo import load
     from atofx.ato.model import compile
+    from atofx.core.files import make_folder
 
+    if args.prune_random is not None and not 0.0 < args.prune_random <= 1.0:
+        raise ConfigError(f"--prune-random is the share of every space kept, in (0, 1], got {args.prune_random}.")
+    if not args.no_picture:  # before the trace, which can take a while
+        make_folder(args.out, "give another --out, or --no-picture")
     zoo = load(args.model, args.input_size)
     try:
         with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
@@ -103,7 +109,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())
     if not args.no_picture:
-        args.out.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             written = ato.visualize(args.out / f"{_file_stem(args.model)}-zigs.svg", view=args.view)
@@ -179,7 +184,7 @@ def _run_recipes(args: argparse.Namespace) -> int:
     from atofx.app.options import RECIPES, recipes_table
 
     print(recipes_table())
-    print(f"(files in {RECIPES}; run one with: atofx train --config recipes/<recipe>.yaml --data-dir DIR)")
+    print(f"(files in {RECIPES}; run one with: atofx train --config <recipe> --data-dir DIR)")
     return 0
 
 
@@ -255,17 +260,32 @@ def _command(argv: Sequence[str]) -> str:
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
     """atofx's own warnings as one `atofx: warning:` line; others as Python prints them."""
-    if issubclass(category, AtofxWarning):
+    if isinstance(message, ScheduleWarning):  # its advice, in flags
+        print(f"atofx: warning: {message.diagnosis} {SCHEDULE_ADVICE}", file=sys.stderr)
+    elif issubclass(category, AtofxWarning):
         print(f"atofx: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """Exit as argparse does on unrecognized arguments, with the subcommand's usage and the nearest flag."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subparsers.choices[command]
+    flags = [f for action in sub._actions for f in action.option_strings if f.startswith("--")]
+    near = {u: difflib.get_close_matches(u.split("=", 1)[0], flags, n=1, cutoff=0.75) for u in unknown
+            if u.startswith("--")}
+    hints = [f"{u.split('=', 1)[0]}: did you mean {m[0]}?" for u, m in near.items() if m]
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `atofx` script and `python -m atofx`; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(parser, args.command, unknown)
     run: Command = args.run
     try:
         with warnings.catch_warnings():

@@ -111,8 +111,10 @@ def _data_root(name: str, data_dir: str | os.PathLike | None, download: bool) ->
         if download and name.startswith("cifar"):
             root.mkdir(parents=True, exist_ok=True)
         else:
+            what = ("train/<class>/ and val/<class>/ image folders" if name in ("folder", "imagenet")
+                    else f"{name}'s files")
             hint = " or add --download to fetch it there" if name.startswith("cifar") else ""
-            raise DatasetError(f"data folder {str(root)!r} does not exist; create it and put {name} in it{hint}.")
+            raise DatasetError(f"data folder {str(root)!r} does not exist; create it and put {what} in it{hint}.")
     return root
 
 

@@ -74,8 +74,11 @@ def parse_input_size(text: str) -> tuple[int, ...]:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         dims = ()
-    if not dims or any(d <= 0 for d in dims):
+    if not dims:
         raise AtofxError(f"cannot read input size {text!r}: write the shape without the batch dim, like 3x224x224.")
+    if any(d <= 0 for d in dims):
+        raise AtofxError(f"input size {text!r} has a dimension of {min(dims)}: every dimension must be at least 1, "
+                         "like 3x224x224.")
     return dims
 
 

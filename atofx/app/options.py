@@ -6,6 +6,7 @@ Defaults that are ATO's options come from `ATOConfig`, where each is defined onc
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -82,10 +83,21 @@ OPTIMIZERS = ("sgd", "adamw")
 def ato_config(job: TrainJob) -> ATOConfig:
     """The job's ATOConfig: its flavour, then every ATO option the job sets; checked (ConfigError)."""
     given = {k: getattr(job, k) for k in ATO_OPTIONS if getattr(job, k) is not None}
-    config = ATOConfig.of(job.flavour, target_flops=job.target_flops, method=job.method, projection=job.projection,
-                          round_to=job.round_to, seed=job.seed, **given)
-    config.validate()
+    try:
+        config = ATOConfig.of(job.flavour, target_flops=job.target_flops, method=job.method,
+                              projection=job.projection, round_to=job.round_to, seed=job.seed, **given)
+        config.validate()
+    except ConfigError as exc:  # ATOConfig names its keyword; the user typed a flag
+        raise ConfigError(_in_flags(str(exc))) from exc
     return config
+
+
+def _in_flags(message: str) -> str:
+    """An ATOConfig message that starts with an option's name, starting with its `atofx train` flag instead."""
+    name = message.split(" ", 1)[0]
+    if name not in {f.name for f in fields(TrainJob)} or "on the command line" in message:
+        return message
+    return flag(name) + message[len(name):]
 
 
 def check_training(job: TrainJob) -> None:
@@ -126,7 +138,8 @@ def validate_job(job: TrainJob) -> None:
     if not job.lr > 0:
         raise ConfigError(f"--lr must be a positive learning rate, got {job.lr!r}.")
     if job.controller_data is not None and not 0.0 < job.controller_data <= 1.0:
-        raise ConfigError(f"controller_data must be in (0, 1], got {job.controller_data!r}.")
+        raise ConfigError(f"{flag('controller_data')} is a share of the training set, in (0, 1], got "
+                          f"{job.controller_data!r}.")
 
 
 def job_settings(job: TrainJob) -> dict[str, Any]:
@@ -134,11 +147,41 @@ def job_settings(job: TrainJob) -> dict[str, Any]:
     return {k: v for k, v in asdict(job).items() if k not in RUN_ONLY}
 
 
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _with_suggestion(key: str) -> str:
+    """An unknown recipe key with the field it probably means: a near spelling, or a flag's field (no_picture)."""
+    names = [f.name for f in fields(TrainJob)]
+    flags = {f.removeprefix("--").replace("-", "_"): field for field, f in FLAGS.items()}
+    if key in flags:
+        return f"{key} (the flag {FLAGS[flags[key]]}; as a key: {flags[key]}: false)"
+    near = difflib.get_close_matches(key, names, n=1)
+    return f"{key} (did you mean {near[0]}?)" if near else key
+
+
+def recipe_path(name: str | Path) -> Path:
+    """The recipe file `name` names: a path, or a shipped recipe's name (`cifar10-resnet56-55`) or file name, read
+    from RECIPES wherever the command runs."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = [RECIPES / path.name, *(RECIPES / (path.name + suffix) for suffix in RECIPE_SUFFIXES)]
+    found = next((f for f in shipped if f.is_file()), None)
+    if found is None:
+        names = sorted(f.stem for f in RECIPES.glob("*") if f.suffix in RECIPE_SUFFIXES) if RECIPES.is_dir() else []
+        near = difflib.get_close_matches(path.stem, names, n=1)
+        raise AtofxError(f"recipe file {str(path)!r} does not exist"
+                         + (f"; did you mean {near[0]!r}? The" if near else "; the")
+                         + f" recipes shipped with atofx are in {RECIPES} (`atofx recipes` lists them; --config "
+                         "takes a recipe's name or a file).")
+    return found
+
+
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file (YAML or JSON) as a dict of TrainJob fields; unknown keys and wrong types are refused."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise AtofxError(f"recipe file {str(path)!r} does not exist; the recipes shipped with atofx are in recipes/.")
+    """A recipe file (YAML or JSON), or a shipped recipe's name, as a dict of TrainJob fields; unknown keys and wrong
+    types are refused."""
+    path = recipe_path(path)
     if path.suffix not in RECIPE_SUFFIXES:
         raise AtofxError(f"recipe file {str(path)!r}: use a .yaml, .yml or .json file.")
     text = path.read_text()
@@ -157,7 +200,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     known = {f.name: f for f in fields(TrainJob)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise AtofxError(f"recipe file {str(path)!r}: unknown key(s) {', '.join(unknown)}; "
+        raise AtofxError(f"recipe file {str(path)!r}: unknown key(s) {', '.join(map(_with_suggestion, unknown))}; "
                          f"known: {', '.join(known)}.")
     defaults = TrainJob()
     for key, value in data.items():
@@ -169,7 +212,6 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def paper_figures(path: Path) -> dict[str, str]:

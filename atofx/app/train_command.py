@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 from atofx.app.options import CIFAR_MODEL_NAMES, DATASETS, OPTIMIZERS, TrainJob, load_recipe
-from atofx.ato.config import CHOICES, FLAVOURS, METHODS, OFFICIAL, PROJECTIONS, ATOConfig
+from atofx.ato.config import CHOICES, FLAVOURS, METHODS, MIN_EPOCHS, OFFICIAL, PROJECTIONS, ATOConfig
 
 TRAIN_HELP = "train once with ATO and write the pruned model (default: digits, no download)"
+# what a command-line user can do about a short schedule (atofx.errors.ScheduleWarning; Python's wording is in
+# atofx.ato.model)
+SCHEDULE_ADVICE = (f"Train for more epochs (at least {MIN_EPOCHS}: --epochs), give the controller more data or passes "
+                   "(--controller-data, --controller-epochs), or use --method static.")
 
 # command-line dest -> TrainJob field, for the flags whose name differs from the field
 _FLAG_FIELDS = {"no_dense_reference": "dense_reference", "quiet": "progress", "no_picture": "picture"}
@@ -91,6 +95,12 @@ def _add_ato_flags(p: argparse.ArgumentParser, c: ATOConfig) -> None:
                              "flavour's)")
     a.add_argument("--flavour", choices=FLAVOURS, help="official: every choice of the authors' released code "
                    f"(ATOConfig.official()); the flags below override it (default: {FLAVOURS[0]})")
+    a.add_argument("--controller-data", type=float, metavar="SHARE",
+                   help="share of the training set the controller learns from, D_CN (default: 0.5 on digits, about "
+                   f"1000 images of a small folder, else {c.controller_data}, the paper's)")
+    a.add_argument("--controller-epochs", type=int, metavar="N", help="passes over D_CN per window epoch (default: "
+                   f"as many as give the controller {c.controller_steps} steps over its window, at most one a "
+                   "training step; one pass at paper scale)")
     for name, values in CHOICES.items():
         a.add_argument(f"--{name.replace('_', '-')}", choices=values,
                        help=f"(default: {getattr(c, name)}; official {OFFICIAL.get(name, getattr(c, name))})")

@@ -37,14 +37,14 @@ from atofx.app.plots import draw_run_plots
 from atofx.ato import distributed
 from atofx.ato.config import ATOConfig
 from atofx.ato.loop import evaluate
+from atofx.ato.model import ATOModel, resolve_device
 from atofx.ato.model import compile as compile_model
-from atofx.ato.model import resolve_device
 from atofx.ato.plain_training import train_plain
 from atofx.core.counting import count_flops, count_params
-from atofx.core.files import atomic_write_text
+from atofx.core.files import atomic_write_text, make_folder
 from atofx.core.report import format_table
 from atofx.core.serialization import save
-from atofx.errors import AtofxError, ConfigError
+from atofx.errors import AtofxError, ConfigError, ShapeError, TraceError
 
 
 def rank_batch_size(global_batch: int, world: int) -> int:
@@ -216,9 +216,6 @@ def run(job: TrainJob) -> dict[str, Any]:
     out = Path(job.out)
     check_same_run(job, out)
     ranks = distributed.start(_device_type(job.device))
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "job.json", json.dumps(job_settings(job), indent=1))
     progress = job.progress and ranks.main
     threads = job.threads if job.threads is not None else (1 if job.dataset == "digits" else None)
     if threads is not None:
@@ -232,9 +229,13 @@ def run(job: TrainJob) -> dict[str, Any]:
     model = _model(job, classes, channels)
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
+    ato = _analysed(job, model, example)
+    if ranks.main:  # written once the data and the model are known to work: a refused run leaves no folder
+        make_folder(out, "give another --out")
+        atomic_write_text(out / "job.json", json.dumps(job_settings(job), indent=1))
     accuracy_dense, earlier_seconds = _dense_accuracy(job, out, dense_model, train_loader, val_loader, device, progress)
     earlier_seconds += _resumed_seconds(job, out, progress)
-    small, measured = _train_and_prune(job, config, out, model, example, (train_loader, val_loader), device, progress)
+    small, measured = _train_and_prune(job, config, out, ato, example, (train_loader, val_loader), device, progress)
     summary = {
         "model": job.model,
         "dataset": job.dataset,
@@ -262,6 +263,24 @@ def run(job: TrainJob) -> dict[str, Any]:
         draw_run_plots(out)
     distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return summary
+
+
+def _analysed(job: TrainJob, model: nn.Module, example: tuple) -> ATOModel:
+    """`model` traced and analysed on a batch shaped like the data's, so that a model that does not fit the data,
+    or that torch.fx cannot trace, is refused before the dense reference spends its epochs; in flags."""
+    try:
+        return compile_model(model, example)
+    except ShapeError as exc:
+        what = str(exc).split(" Pass example_inputs")[0]  # the API's advice: a command-line user passes no inputs
+        size = "x".join(map(str, example[0].shape[1:]))
+        resize = " (or another --image-size)" if job.dataset in ("folder", "imagenet") else ""
+        raise ShapeError(f"{what} --model {job.model} does not take {job.dataset} images ({size}): give a model "
+                         f"made for them{resize}.") from exc
+    except TraceError as exc:
+        what = str(exc).split(" Fix:")[0]  # leaf_modules and concrete_args are atofx.compile's keywords
+        raise TraceError(f"{what.rstrip('.')}. --model {job.model} must trace with torch.fx: make its factory "
+                         "return a model without branches on tensor values, or use the Python API, where "
+                         "atofx.compile(model, leaf_modules=[...]) keeps such a layer opaque.") from exc
 
 
 def _dense_accuracy(job: TrainJob, out: Path, dense_model: nn.Module, train_loader: Any, val_loader: Any,
@@ -299,12 +318,12 @@ def _resumed_seconds(job: TrainJob, out: Path, progress: bool) -> float:
     return sum(r.get("seconds", 0.0) for r in done)
 
 
-def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, model: nn.Module, example: tuple,
+def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, ato: ATOModel, example: tuple,
                      data: tuple[Any, Any], device: torch.device, progress: bool) -> tuple[nn.Module, dict[str, Any]]:
-    """Analyse, train with ATO (resuming from OUT/checkpoints), prune; the pruned model on the CPU and its figures."""
+    """Train with ATO (resuming from OUT/checkpoints) and prune; the pruned model on the CPU and its figures."""
     train_loader, val_loader = data
     loss_fn = nn.functional.cross_entropy
-    ato = compile_model(model, example)
+    model = ato.model
     flops_before, params_before = count_flops(model, example), count_params(model)
     picture = ato.visualize(out / "zigs.svg") if distributed.current().main and job.picture else None
     optimizer, scheduler = job_optimizer(job, model)

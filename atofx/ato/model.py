@@ -15,7 +15,7 @@ from torch import nn
 
 from atofx.ato import distributed
 from atofx.ato.batches import split_batch
-from atofx.ato.config import ATOConfig, check_options
+from atofx.ato.config import MIN_EPOCHS, MIN_WINDOW_EPOCHS, MIN_WINDOW_STEPS, ATOConfig, check_options
 from atofx.ato.denormals import flush_denormal_state_
 from atofx.ato.loop import fit
 from atofx.ato.mixed_precision import StepPrecision
@@ -25,15 +25,13 @@ from atofx.core.analysis import Analysis
 from atofx.core.nested import map_tensors
 from atofx.core.report import spaces_table
 from atofx.core.visualize import draw_spaces
-from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError
+from atofx.errors import AtofxError, ConfigError, DataError, ScheduleWarning
 from atofx.passes.tracing import LeafSpec
 from atofx.passes.values import device_of
 
-# below these the controller has no time to learn a mask before it freezes (issue 17: 2 epochs, a mask frozen
-# after one epoch of controller steps, 15% accuracy against 62% for plain training)
-MIN_WINDOW_EPOCHS = 3
-MIN_WINDOW_STEPS = 20
-_DEFAULT_WINDOW = ATOConfig.controller_window[1] - ATOConfig.controller_window[0]  # share of the epochs
+# what a Python user can do about a short schedule (the command line words it in flags: atofx.app.train_command)
+SCHEDULE_ADVICE = (f"Train for more epochs (at least {MIN_EPOCHS}), give the controller more data or passes "
+                   "(controller_data=..., controller_epochs=...), or use method='static'.")
 
 
 def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str | None:
@@ -44,9 +42,7 @@ def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str |
         return None
     return (f"with {phases.epochs} epochs the controller learns the mask in {window} epoch(s) "
             f"({steps} controller steps; it needs about {MIN_WINDOW_EPOCHS} epochs and {MIN_WINDOW_STEPS} steps) and "
-            f"the mask then freezes: expect a large accuracy loss. Train for more epochs (at least "
-            f"{math.ceil(MIN_WINDOW_EPOCHS / _DEFAULT_WINDOW)}; `atofx train --epochs`), give the controller more data or "
-            "passes (controller_data, controller_epochs), or use method='static'.")
+            "the mask then freezes: expect a large accuracy loss.")
 
 
 def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
@@ -59,7 +55,7 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
         steps = len(train_loader) if isinstance(train_loader, Sized) else None
         why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches, steps))
         if why is not None:
-            warnings.warn(why, AtofxWarning, stacklevel=3)
+            warnings.warn(ScheduleWarning(why, SCHEDULE_ADVICE), stacklevel=3)
 
 
 class ATOModel(Analysis):

@@ -107,7 +107,7 @@ class Analysis:
         self.example_inputs = inputs
         # shapes only: what batches' labels are checked against
         self.example_output = map_tensors(lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta"), output)
-        self._facts = ChannelDependencyPass(root, self.graph).run()
+        self._facts = ChannelDependencyPass(root, self.graph, leaf_modules=self.trace_options.get("leaf_modules", ())).run()
         self._zigs = infer_zigs(self._facts)
         self._flops = None
         return self

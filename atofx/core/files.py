@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from atofx.errors import UnsafeCheckpointError
+from atofx.errors import AtofxError, UnsafeCheckpointError
 
 # pickle opcodes that import or call something: the weights-only reader refusing one of these means code
 _CODE_OPCODES = {op[0] for op in (pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.INST, pickle.OBJ, pickle.REDUCE,
@@ -50,6 +50,15 @@ def safe_load(path: str | Path, refused: str) -> Any:
         if carries_code(exc):
             raise UnsafeCheckpointError(f"{path} {refused} ({load_failure(exc)})") from exc
         raise
+
+
+def make_folder(path: Path, hint: str) -> None:
+    """`path` and its parents as folders, or AtofxError: why not, then `hint` (what the user can do instead)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only place, a path through a file
+        reason = "a file of that name exists" if path.is_file() else (exc.strerror or type(exc).__name__).lower()
+        raise AtofxError(f"cannot make the folder {path}: {reason}; {hint}.") from exc
 
 
 def atomic_save(payload: Any, path: Path, previous: Path | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,6 +99,9 @@ def test_bad_input_size_is_a_usage_error(capsys):
         cli.main(["inspect", "resnet18", "--input-size", "3xAx32"])
     assert exc.value.code == 2
     assert "cannot read input size '3xAx32'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "resnet18", "--input-size", "3x0x32"])
+    assert "input size '3x0x32' has a dimension of 0" in capsys.readouterr().err
 
 
 def test_a_subcommand_is_required(capsys):
@@ -179,3 +183,89 @@ def test_help_and_argument_errors_import_no_torch(argv):
             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
     assert proc.stdout.strip().splitlines()[-1] == "no torch", proc.stdout + proc.stderr
+
+
+USER_MODELS_FOR_DIGITS = '''
+import torch
+from torch import nn
+
+
+def three_channels():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = 2 * y
+        return self.fc(y.mean((2, 3)))
+'''
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("three_channels", r"--model \w+:three_channels does not take digits images \(1x8x8\): give a model made"),
+    ("Branchy", r"cannot trace .*--model \w+:Branchy must trace with torch.fx"),
+])
+def test_train_refuses_a_model_that_does_not_fit_before_any_epoch(tmp_path, monkeypatch, capsys, factory, message):
+    """The model is traced on a batch shaped like the data's before the dense reference trains, and nothing is
+    left on disk; the message speaks in flags (no example_inputs, no leaf_modules=)."""
+    (tmp_path / "digits_models.py").write_text(textwrap.dedent(USER_MODELS_FOR_DIGITS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "digits_models", raising=False)
+    trained = []
+    monkeypatch.setattr("atofx.app.train_job.train_plain", lambda *a, **k: trained.append(a))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--model", f"digits_models:{factory}", "--out", str(out), "--quiet"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.count("\n") == 1 and "example_inputs" not in err and "concrete_args" not in err
+    assert not trained and not out.exists()
+
+
+def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for argv in (["train", "--out", str(taken), "--quiet"], ["train", "--out", str(taken / "sub"), "--quiet"],
+                 ["inspect", "resnet18", "--out", str(taken)]):
+        assert cli.main(argv) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"atofx: error: cannot make the folder {taken}") and "give another --out" in err, err
+        assert err.count("\n") == 1
+
+
+def test_an_out_of_range_option_is_named_by_its_flag(tmp_path, capsys):
+    for argv, flag in ((["--target-flops", "1.5"], "--target-flops"), (["--round-to", "0"], "--round-to"),
+                       (["--controller-data", "2"], "--controller-data")):
+        assert cli.main(["train", *argv, "--out", str(tmp_path / "o"), "--quiet"]) == cli.EXIT_ERROR
+        assert capsys.readouterr().err.startswith(f"atofx: error: {flag} ")
+    assert cli.main(["inspect", "resnet18", "--prune-random", "1.5", "--no-picture"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("atofx: error: --prune-random ") and "ChannelSpace" not in err  # refused before the report
+
+
+def test_a_misspelled_flag_gets_the_subcommands_usage_and_the_nearest_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--targetflops", "0.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: atofx train" in err and "--targetflops: did you mean --target-flops?" in err
+    with pytest.raises(SystemExit):
+        cli.main(["inspect", "resnet18", "--zzzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzz" in err and "did you mean" not in err
+
+
+def test_a_short_schedule_warning_gives_the_command_lines_advice(tmp_path, capsys):
+    """The warning `ato.train` raises in Python words (controller_data=..., method='static') reads in flags."""
+    assert cli.main(["train", "--epochs", "2", "--no-dense-reference", "--no-picture", "--quiet",
+                     "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    warning = next(line for line in err.splitlines() if line.startswith("atofx: warning:"))
+    assert "--epochs" in warning and "--controller-data" in warning and "--method static" in warning
+    assert "method='static'" not in warning and "controller_data=" not in warning

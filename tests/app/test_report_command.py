@@ -16,7 +16,7 @@ import atofx
 from atofx.app import cli, train_command
 from atofx.app.cifar_models import CIFAR_MODELS, resnet20
 from atofx.app.model_zoo import torchvision_models
-from atofx.app.options import DATASETS, TrainJob, load_recipe
+from atofx.app.options import DATASETS, RECIPES, TrainJob, load_recipe
 from tests.app.test_datasets import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +108,9 @@ def test_flags_given_override_the_file_even_at_their_default(tmp_path):
     ("text", "message"),
     [
         ("epochs: 3\nlearning_rate: 0.1\n", r"unknown key\(s\) learning_rate; known: model, dataset"),
+        ("target_flop: 0.5\n", r"unknown key\(s\) target_flop \(did you mean target_flops\?\)"),
+        ("no_dense_reference: true\n", r"no_dense_reference \(the flag --no-dense-reference; as a key: "
+                                       r"dense_reference: false\)"),
         ("epochs: three\n", r"epochs must be a int, got 'three'"),
         ("- epochs\n", r"must be a mapping"),
         ("epochs: [\n", r"cannot be read"),
@@ -124,10 +127,12 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, text, message):
 
 def test_missing_recipe_and_missing_data_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["train", "--config", str(tmp_path / "nope.yaml")]) == cli.EXIT_ERROR
-    assert "does not exist; the recipes shipped with atofx are in recipes/" in capsys.readouterr().err
+    assert f"does not exist; the recipes shipped with atofx are in {RECIPES}" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "cifar10-resnet56-5"]) == cli.EXIT_ERROR
+    assert "did you mean 'cifar10-resnet56-65'? The recipes shipped" in capsys.readouterr().err
     argv = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
     assert cli.main(argv) == cli.EXIT_ERROR
-    assert "does not exist; create it and put folder in it" in capsys.readouterr().err
+    assert "does not exist; create it and put train/<class>/ and val/<class>/ image folders in it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
@@ -164,3 +169,10 @@ def test_resolution_and_head_follow_the_model(images):
         train_job._model(TrainJob(model="resnet18_cifr"), 3, 3)
     with pytest.raises(atofx.AtofxError, match=r"takes 3-channel images but digits has 1"):
         train_job._model(TrainJob(model="resnet18"), 10, 1)
+
+
+@pytest.mark.parametrize("given", ["cifar10-resnet56-55", "cifar10-resnet56-55.yaml", "recipes/cifar10-resnet56-55.yaml"])
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch, given):
+    """What `atofx recipes` prints (`--config <recipe>`) works outside the repository too."""
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(given) == load_recipe(RECIPES / "cifar10-resnet56-55.yaml")

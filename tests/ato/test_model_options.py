@@ -31,8 +31,10 @@ def loader() -> DataLoader:
 
 def test_two_epochs_of_ato_warn_that_the_controller_has_no_time(loader):
     ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
-    with pytest.warns(atofx.AtofxWarning, match=r"with 2 epochs the controller learns the mask in 1 epoch"):
+    with pytest.warns(atofx.AtofxWarning, match=r"with 2 epochs the controller learns the mask in 1 epoch") as caught:
         ato.train(loader, 2, target_flops=0.6, progress=False)
+    text = str(caught[0].message)  # advice in the words of the Python API, not the command line's flags
+    assert "at least 8" in text and "controller_data=" in text and "method='static'" in text and "--" not in text
 
 
 def test_a_static_run_or_a_long_schedule_does_not_warn(loader):
