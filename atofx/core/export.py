@@ -41,6 +41,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any, check: 
     Every submodule's train/eval mode is what it was before the call.
     """
     onnx = _require_onnx()
+    folder = Path(path).expanduser().parent
+    if not folder.is_dir():  # else the exporter fails on a temporary file of its own, which names nothing useful
+        raise AtofxError(f"cannot write {path}: the folder {folder} does not exist; create it or give another path.")
     modes = [(m, m.training) for m in model.modules()]
     try:
         return _export_checked(onnx, model.eval(), Path(path), example_inputs, check)

@@ -67,6 +67,13 @@ def test_without_the_onnx_packages_the_error_says_what_to_install(saved, tmp_pat
     assert "pip install onnx onnxscript" in capsys.readouterr().err
 
 
+def test_an_onnx_path_in_a_missing_folder_is_refused_before_the_export(saved, tmp_path, capsys):
+    target = tmp_path / "no" / "such" / "m.onnx"
+    assert cli.main(["export", str(saved[0]), str(target)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"the folder {target.parent} does not exist" in err and ".data." not in err and not target.parent.exists()
+
+
 def test_a_file_without_its_input_shape_asks_for_input_size(tmp_path, capsys):
     small, _ = small_and_input()
     path = atofx.save(nn.Sequential(*small), tmp_path / "bare.pt")  # no example inputs known
