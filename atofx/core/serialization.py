@@ -224,7 +224,9 @@ def _check_tensors(path: str | Path, payload: dict[str, Any]) -> None:
 
 def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path:
     """Save a (pruned) model so that `atofx.load` can rebuild it in a new process."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():  # checked before the graph is traced and rebuilt, which can take a while
+        raise AtofxError(f"cannot save to {path}: the folder {path.parent} does not exist; create it first.")
     inputs = example_inputs if example_inputs is not None else example_inputs_of.get(model)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)

@@ -247,6 +247,11 @@ def test_files_not_written_by_atofx_give_an_atofx_error(saved, tmp_path):
         atofx.load(tmp_path / "missing.pt")
 
 
+def test_save_into_a_missing_folder_is_an_atofx_error(saved, tmp_path):
+    with pytest.raises(atofx.AtofxError, match=r"the folder .*no/such does not exist; create it first"):
+        atofx.save(saved[1], tmp_path / "no" / "such" / "m.pt")
+
+
 def test_save_replaces_a_file_atomically(saved, tmp_path):
     path, small, x, expected = saved
     target = tmp_path / "model.pt"
