@@ -119,7 +119,10 @@ def check_same_run(job: TrainJob, out: Path) -> None:
     new = job_settings(job)
     diff = [k for k in new if k in old and old[k] != new[k]]
     if diff:
-        changes = ", ".join(f"{flag(k)} {old[k]} -> {new[k]}" for k in diff)
+        def shown(value: Any) -> str:  # as typed on the command line; a setting left to its default is "unset"
+            return "unset" if value is None else str(value)
+
+        changes = ", ".join(f"{flag(k)} {shown(old[k])} -> {shown(new[k])}" for k in diff)
         raise ConfigError(
             f"{out} holds an unfinished or finished run with other settings ({changes}). Give another --out for "
             f"the new run, or delete {ckpt_dir} to train afresh in {out}.")
