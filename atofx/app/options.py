@@ -212,8 +212,6 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return data
 
 
-
-
 def paper_figures(path: Path) -> dict[str, str]:
     """The paper's baseline and pruned top-1 from a recipe's `# paper: baseline X, pruned Y` header line."""
     for line in path.read_text().splitlines():
