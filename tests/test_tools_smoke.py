@@ -347,6 +347,13 @@ def test_each_bench_json_is_drawn_by_its_own_plot(name, tmp_path):
     assert out == 0 and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_report_of_several_kinds_of_machine_is_drawn(tmp_path):
+    """`--report` records machine None when its sources ran on different kinds of machine."""
+    payload = PAYLOADS["plot_accuracy"] | {"machine": None, "date": "2026-12-04"}
+    assert "more than one kind of machine" in bench_plots._caption(payload)
+    assert bench_plots.main([str(_write(tmp_path / "r.json", payload)), str(tmp_path / "r.png")]) == 0
+
+
 def test_a_json_of_no_bench_is_refused(tmp_path, capsys):
     assert bench_plots.main([str(_write(tmp_path / "x.json", {"rows": [{"x": 1}]})), str(tmp_path / "x.png")]) == 2
     assert "not a JSON file written by tools/bench_" in capsys.readouterr().err

@@ -30,6 +30,8 @@ def _figure(width: float, height: float) -> Any:
 
 def _caption(payload: dict) -> str:
     machine = payload.get("machine", {})
+    if machine is None:  # a --report of runs from several kinds of machine: their JSONs name each
+        return f"{payload.get('date', '')}, runs from more than one kind of machine (see the sources' JSON)"
     return f"{payload.get('date', '')}, torch {machine.get('torch', '?')}, {machine.get('cpu_count', '?')} CPU cores"
 
 
