@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from atofx.app.train_command import SCHEDULE_ADVICE, TRAIN_HELP, add_train
-from atofx.errors import AtofxError, AtofxWarning, ConfigError, ScheduleWarning, ShapeError
+from atofx.errors import AtofxError, AtofxWarning, ConfigError, ScheduleWarning, ShapeError, TraceError
 
 EXIT_ERROR = 2
 
@@ -88,7 +88,7 @@ def _file_stem(model: str) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from atofx.app.model_zoo import load
+    from atofx.app.model_zoo import load, untraceable
     from atofx.ato.model import compile
     from atofx.core.files import make_folder
 
@@ -100,6 +100,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
     try:
         with _held_stderr():  # whatever a failing model prints stays hidden behind atofx's one-line error
             ato = compile(zoo.model, zoo.example)
+    except TraceError as exc:
+        raise untraceable(exc, f"MODEL {args.model}") from exc
     except ShapeError as exc:
         given = "x".join(map(str, args.input_size)) if args.input_size else "the default"
         what = str(exc).split(" Pass example_inputs")[0]  # the API's advice does not help on the command line

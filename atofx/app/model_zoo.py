@@ -19,7 +19,7 @@ from functools import cache
 import torch
 from torch import nn
 
-from atofx.errors import AtofxError, ModelNotFoundError
+from atofx.errors import AtofxError, ModelNotFoundError, TraceError
 
 __all__ = [
     "ModelNotFoundError",
@@ -155,6 +155,15 @@ def unknown_model(name: str, others: Sequence[str] = (), offer: str = "") -> Mod
     close = difflib.get_close_matches(name, [*others, *torchvision_models()], n=3, cutoff=0.5)
     return ModelNotFoundError(f"unknown model {name!r}: " + (f"did you mean {', '.join(close)}? " if close else "")
                               + offer)
+
+
+def untraceable(exc: TraceError, named: str) -> TraceError:
+    """`exc` for a command-line user, who named the model as `named` and cannot pass atofx.compile's keywords
+    (leaf_modules, concrete_args) that its advice offers."""
+    what = str(exc).split(" Fix:")[0].rstrip(".")
+    return TraceError(f"{what}. {named} must trace with torch.fx: make its factory return a model without branches "
+                      "on tensor values, or use the Python API, where atofx.compile(model, leaf_modules=[...]) keeps "
+                      "such a layer opaque.")
 
 
 def load(name: str, input_size: tuple[int, ...] | None = None, batch: int = 1, seed: int = 0) -> ZooModel:

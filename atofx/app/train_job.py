@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from atofx.app import model_zoo
 from atofx.app.cifar_models import CIFAR_MODELS
 from atofx.app.datasets import load_images, loaders
 from atofx.app.options import (
@@ -166,8 +167,6 @@ def _data(job: TrainJob, pin_memory: bool = False) -> tuple[Any, Any, int, int, 
 
 def _model(job: TrainJob, classes: int, channels: int) -> nn.Module:
     """atofx's CIFAR models and torchvision's with the dataset's classes; a user's factory as it is."""
-    from atofx.app import model_zoo
-
     torch.manual_seed(job.seed)
     if job.model in CIFAR_MODELS:
         return CIFAR_MODELS[job.model](num_classes=classes, in_channels=channels)
@@ -280,10 +279,7 @@ def _analysed(job: TrainJob, model: nn.Module, example: tuple) -> ATOModel:
         raise ShapeError(f"{what} --model {job.model} does not take {job.dataset} images ({size}): give a model "
                          f"made for them{resize}.") from exc
     except TraceError as exc:
-        what = str(exc).split(" Fix:")[0]  # leaf_modules and concrete_args are atofx.compile's keywords
-        raise TraceError(f"{what.rstrip('.')}. --model {job.model} must trace with torch.fx: make its factory "
-                         "return a model without branches on tensor values, or use the Python API, where "
-                         "atofx.compile(model, leaf_modules=[...]) keeps such a layer opaque.") from exc
+        raise model_zoo.untraceable(exc, f"--model {job.model}") from exc
 
 
 def _dense_accuracy(job: TrainJob, out: Path, dense_model: nn.Module, train_loader: Any, val_loader: Any,

@@ -228,6 +228,17 @@ def test_train_refuses_a_model_that_does_not_fit_before_any_epoch(tmp_path, monk
     assert not trained and not out.exists()
 
 
+def test_inspect_words_an_untraceable_model_for_the_command_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "digits_models.py").write_text(textwrap.dedent(USER_MODELS_FOR_DIGITS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "digits_models", raising=False)
+    argv = ["inspect", "digits_models:Branchy", "--input-size", "1x8x8", "--no-picture"]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "MODEL digits_models:Branchy must trace with torch.fx" in err and "concrete_args" not in err
+    assert err.count("\n") == 1
+
+
 def test_an_out_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys):
     taken = tmp_path / "a-file"
     taken.write_text("")
