@@ -117,6 +117,10 @@ def check_targets(out: Any, targets: Any, loss_fn: Any) -> None:
     else:
         return
     logits = main_output(out)
+    if logits is not out:  # cross-entropy (the default loss) takes one tensor
+        pick = f"out[{next(iter(out))!r}]" if isinstance(out, dict) else "out[0]"
+        raise ShapeError(f"the model returns a {type(out).__name__}, and cross-entropy takes one tensor: pass a "
+                         f"loss_fn that picks the logits, e.g. lambda out, y: F.cross_entropy({pick}, y).")
     if not isinstance(logits, Tensor) or not isinstance(targets, Tensor) or logits.dim() < 2:
         return
     classes = logits.shape[1]
@@ -130,6 +134,9 @@ def check_targets(out: Any, targets: Any, loss_fn: Any) -> None:
     if _kind(targets) != "integer" or targets.dim() != logits.dim() - 1:
         raise ShapeError(f"the labels are {shape_of(targets)}; cross-entropy on the model's {classes} outputs "
                          f"expects {expected}.")
+    if targets.dtype not in (torch.int64, torch.uint8):  # what cross_entropy accepts as class indices
+        raise ShapeError(f"the labels are {shape_of(targets)}; cross-entropy takes class indices as int64: convert "
+                         "them with y.long() (numpy's int32 labels arrive as int32).")
     bad = (targets != ignore) & ((targets < 0) | (targets >= classes))
     if bool(bad.any()):
         value = int(targets[bad].flatten()[0])

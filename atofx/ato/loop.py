@@ -164,7 +164,8 @@ def fit(
         train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, precision, progress,
                                                 f"epoch {epoch + 1}/{ph.epochs}", stepping, run.scaler)
         distributed.share_buffers(model)  # rank 0's BN statistics everywhere: one model to evaluate and save
-        if scheduler is not None:
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # it steps on a metric
+        if scheduler is not None and not plateau:
             scheduler.step()
         run.check_finite(train_loss, epoch)
         ctrl = controller_epoch(trainer, cn_loader, loss_fn, len(train_loader)) if cn_loader is not None else []
@@ -172,6 +173,8 @@ def fit(
         if val_loader is not None:
             val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        if plateau:
+            scheduler.step(record.get("val_loss", train_loss))
         record["seconds"] = time.perf_counter() - started
         trainer.state.history.append(record)
         if progress:

@@ -147,9 +147,11 @@ class ATOModel(Analysis):
         starts from the authors' released code's choices (`ATOConfig.official()`).
         Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
         optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
+        `scheduler` steps once an epoch, after its training steps (`ReduceLROnPlateau` on the validation loss, or
+        the training loss without `val_loader`); a schedule counted in steps (OneCycleLR) needs `total_steps=epochs`.
         `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under torchrun (a process group
         started), each rank passes a loader with a DistributedSampler and the model is trained
-        through DistributedDataParallel.
+        through DistributedDataParallel. Afterwards the whole model is in train mode, as after any training loop.
         """
         torch.manual_seed(seed)
         if not self.analysed:
@@ -172,6 +174,9 @@ class ATOModel(Analysis):
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
                       val_loader, folder, log, StepPrecision.of(amp, channels_last), progress)
         self.mask = trainer.final_mask()
+        # the loop trains the traced GraphModule, whose layers are the model's but whose root is another object: a
+        # model passed in eval mode would keep an eval root over training layers (and so would its pruned copy)
+        self.model.train()
         return history
 
     # ------------------------------------------------------------------ presentation

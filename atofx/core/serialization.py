@@ -224,6 +224,9 @@ def _check_tensors(path: str | Path, payload: dict[str, Any]) -> None:
 
 def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path:
     """Save a (pruned) model so that `atofx.load` can rebuild it in a new process."""
+    if not isinstance(model, nn.Module):  # a state_dict, or the ATOModel itself
+        raise AtofxError(f"atofx.save takes the model (an nn.Module), got {type(model).__name__}: save "
+                         "ato.prune()'s result, or ato.model for the trained model before pruning.")
     path = Path(path).expanduser()
     if not path.parent.is_dir():  # checked before the graph is traced and rebuilt, which can take a while
         raise AtofxError(f"cannot save to {path}: the folder {path.parent} does not exist; create it first.")

@@ -102,3 +102,57 @@ def test_a_mask_by_hand_or_from_scores(loader):
     kept = mask.bits[first.index]
     assert int(kept.sum()) == 4 and norms[first.index][kept].min() >= norms[first.index][~kept].max()
     ato.prune(mask)
+
+
+def test_a_model_passed_in_eval_mode_ends_training_wholly_in_train_mode(loader):
+    """The loop trains the traced GraphModule, whose root is not the model: the model's root must follow too, or
+    it (and its pruned copy) keeps an eval root over training layers."""
+    model = tiny().eval()
+    ato = atofx.compile(model, torch.randn(1, 1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", atofx.AtofxWarning)
+        ato.train(loader, 3, target_flops=0.6, progress=False, controller_data=0.5)
+    assert all(m.training for m in model.modules())
+    assert all(m.training for m in ato.prune().modules())
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.body(x)
+        return out, out.detach()
+
+
+@pytest.mark.parametrize("labels, model, message", [
+    (torch.int32, tiny, r"labels are \(16,\) int32; cross-entropy takes class indices as int64: convert them with "
+                        r"y\.long\(\)"),
+    (torch.int64, _Pair, r"the model returns a tuple, and cross-entropy takes one tensor: pass a loss_fn that picks "
+                         r"the logits, e\.g\. lambda out, y: F\.cross_entropy\(out\[0\], y\)"),
+])
+def test_what_cross_entropy_cannot_take_is_refused_before_a_step(labels, model, message):
+    data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 4, (32,)).to(labels))
+    net = model()
+    ato = atofx.compile(net, torch.randn(1, 1, 8, 8))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with warnings.catch_warnings(), pytest.raises(atofx.ShapeError, match=message):
+        warnings.simplefilter("ignore", atofx.AtofxWarning)
+        ato.train(DataLoader(data, batch_size=16), 3, target_flops=0.6, progress=False, controller_data=0.5)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BatchNorm untouched too
+
+
+def test_reduce_lr_on_plateau_steps_on_the_validation_loss(loader):
+    model = tiny()
+    ato = atofx.compile(model, torch.randn(1, 1, 8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    seen = []
+    step = plateau.step
+    plateau.step = lambda metric: seen.append(metric) or step(metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", atofx.AtofxWarning)
+        history = ato.train(loader, 3, target_flops=0.6, optimizer=opt, scheduler=plateau, val_loader=loader,
+                            progress=False, controller_data=0.5)
+    assert seen == [r["val_loss"] for r in history]

@@ -247,6 +247,12 @@ def test_files_not_written_by_atofx_give_an_atofx_error(saved, tmp_path):
         atofx.load(tmp_path / "missing.pt")
 
 
+def test_save_of_what_is_not_a_model_says_what_to_pass(saved, tmp_path):
+    with pytest.raises(atofx.AtofxError, match=r"takes the model \(an nn.Module\), got OrderedDict: save ato.prune"):
+        atofx.save(saved[1].state_dict(), tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_save_into_a_missing_folder_is_an_atofx_error(saved, tmp_path):
     with pytest.raises(atofx.AtofxError, match=r"the folder .*no/such does not exist; create it first"):
         atofx.save(saved[1], tmp_path / "no" / "such" / "m.pt")
