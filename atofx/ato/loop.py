@@ -143,6 +143,7 @@ def fit(
     ranks = distributed.current()
     distributed.require_sharded(train_loader, "training")
     progress = progress and ranks.main
+    trainer.params.step_size(optimizer)  # an optimiser the projection cannot follow is refused before any epoch
     run = _Run(trainer, optimizer, scheduler, checkpoint_dir, log_path, loader_length(train_loader))
     if trainer.config.method == "ato" and not hasattr(train_loader, "dataset"):
         raise DataError(f"the training loader is a {type(train_loader).__name__}, not a DataLoader: ATO draws the "

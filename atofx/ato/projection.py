@@ -171,8 +171,13 @@ class ZIGParams:
         """The optimiser's current learning rate for the ZIG parameters: the proximal step (module docstring)."""
         indexed = {id(e.param) for e in self._slices}
         rates = {float(g["lr"]) for g in optimizer.param_groups if any(id(p) in indexed for p in g["params"])}
+        if not rates:
+            raise AtofxError("the optimiser holds none of the model's prunable parameters: build it over the "
+                             "parameters of the model you compiled (ato.model.parameters()).")
         if len(rates) != 1:
-            raise AtofxError(f"the ZIG parameters need one learning rate in the optimiser, found {sorted(rates)}.")
+            raise AtofxError(f"the prunable layers need one learning rate in the optimiser (the projection's step "
+                             f"follows it), found {sorted(rates)}: give their parameter groups one lr (they may differ "
+                             "in weight decay), or keep the layers with another rate out of pruning with pin=[...].")
         return rates.pop()
 
     # ------------------------------------------------------------------ in-place projections

@@ -156,3 +156,18 @@ def test_reduce_lr_on_plateau_steps_on_the_validation_loss(loader):
         history = ato.train(loader, 3, target_flops=0.6, optimizer=opt, scheduler=plateau, val_loader=loader,
                             progress=False, controller_data=0.5)
     assert seen == [r["val_loss"] for r in history]
+
+
+def test_an_optimiser_the_projection_cannot_follow_is_refused_before_any_epoch(loader):
+    model = tiny()
+    ato = atofx.compile(model, torch.randn(1, 1, 8, 8))
+    first, rest = list(model[:2].parameters()), list(model[2:].parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    two_rates = torch.optim.SGD([{"params": first, "lr": 0.01}, {"params": rest, "lr": 0.1}])
+    elsewhere = torch.optim.SGD(tiny().parameters(), lr=0.1)
+    for optimizer, message in ((two_rates, r"need one learning rate .*found \[0\.01, 0\.1\].*pin=\[\.\.\.\]"),
+                               (elsewhere, r"holds none of the model's prunable parameters")):
+        with warnings.catch_warnings(), pytest.raises(atofx.AtofxError, match=message):
+            warnings.simplefilter("ignore", atofx.AtofxWarning)
+            ato.train(loader, 10, target_flops=0.6, optimizer=optimizer, progress=False, controller_data=0.5)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step taken
