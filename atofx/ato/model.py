@@ -25,7 +25,7 @@ from atofx.core.analysis import Analysis
 from atofx.core.nested import map_tensors
 from atofx.core.report import spaces_table
 from atofx.core.visualize import draw_spaces
-from atofx.errors import AtofxError, ConfigError, DataError, ScheduleWarning
+from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError, ScheduleWarning
 from atofx.passes.tracing import LeafSpec
 from atofx.passes.values import device_of
 
@@ -56,6 +56,22 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
         why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches, steps))
         if why is not None:
             warnings.warn(ScheduleWarning(why, SCHEDULE_ADVICE), stacklevel=3)
+
+
+# how far above target_flops the final mask may keep FLOPs before a run says so: the benchmark's "on target" is 1 point
+BUDGET_SLACK = 0.01
+
+
+def _warn_if_over_budget(kept: float, config: ATOConfig) -> None:
+    """Say so when the final mask keeps more FLOPs than the run asked for: caps and pins left too little to prune,
+    or the controller's own mask froze above the budget (`freeze_mask="controller"`)."""
+    if kept > config.target_flops + BUDGET_SLACK:
+        why = ("the controller's mask froze there (the freeze mask 'controller', the official flavour's, takes it as "
+               "it is; 'bisect' holds it to the budget)"
+               if config.freeze_mask == "controller" else
+               "what is left prunable (after max_pruned, pin and the spaces atofx pins) cannot go lower")
+        warnings.warn(AtofxWarning(f"the pruned model keeps {kept:.3f} of the FLOPs, above the {config.target_flops:.3f} "
+                                   f"asked for: {why}."), stacklevel=3)
 
 
 class ATOModel(Analysis):
@@ -174,6 +190,7 @@ class ATOModel(Analysis):
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
                       val_loader, folder, log, StepPrecision.of(amp, channels_last), progress)
         self.mask = trainer.final_mask()
+        _warn_if_over_budget(self.flops(self.mask) / self.flops(), trainer.config)
         # the loop trains the traced GraphModule, whose layers are the model's but whose root is another object: a
         # model passed in eval mode would keep an eval root over training layers (and so would its pruned copy)
         self.model.train()

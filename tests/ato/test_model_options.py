@@ -171,3 +171,10 @@ def test_an_optimiser_the_projection_cannot_follow_is_refused_before_any_epoch(l
             warnings.simplefilter("ignore", atofx.AtofxWarning)
             ato.train(loader, 10, target_flops=0.6, optimizer=optimizer, progress=False, controller_data=0.5)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step taken
+
+
+def test_a_budget_the_caps_leave_out_of_reach_is_said(loader):
+    ato = atofx.compile(tiny(), torch.randn(1, 1, 8, 8))
+    with pytest.warns(atofx.AtofxWarning, match=r"keeps 1\.000 of the FLOPs, above the 0\.300 asked for: what is "
+                                                r"left prunable \(after max_pruned, pin"):
+        ato.train(loader, 10, target_flops=0.3, max_pruned=0.0, progress=False, controller_data=0.5)
