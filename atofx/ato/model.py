@@ -159,15 +159,13 @@ class ATOModel(Analysis):
     ) -> list[dict[str, Any]]:
         """Train once with ATO; afterwards `ato.mask` is set and `ato.prune()` gives the small model.
 
-        Any other ATOConfig option goes in `config` (e.g. `step_size="share"`), and `flavour="official"`
-        starts from the authors' released code's choices (`ATOConfig.official()`).
-        Resumes from `checkpoint_dir` when it holds a checkpoint of the same run. Without an
-        optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
-        `scheduler` steps once an epoch, after its training steps (`ReduceLROnPlateau` on the validation loss, or
-        the training loss without `val_loader`); a schedule counted in steps (OneCycleLR) needs `total_steps=epochs`.
-        `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under torchrun (a process group
-        started), each rank passes a loader with a DistributedSampler and the model is trained
-        through DistributedDataParallel. Afterwards the whole model is in train mode, as after any training loop.
+        Any other ATOConfig option goes in `config` (e.g. `step_size="share"`); `flavour="official"` starts from the
+        authors' released code's choices. Resumes from `checkpoint_dir` when it holds a checkpoint of the same run.
+        Without an optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
+        `scheduler` steps once an epoch (`ReduceLROnPlateau` on the validation loss, else the training loss;
+        OneCycleLR then needs `total_steps=epochs`). `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under
+        torchrun each rank passes a loader with a DistributedSampler and the model trains through
+        DistributedDataParallel. The whole model ends in train mode, as after any training loop.
         """
         torch.manual_seed(seed)
         if not self.analysed:
@@ -191,9 +189,7 @@ class ATOModel(Analysis):
                       val_loader, folder, log, StepPrecision.of(amp, channels_last), progress)
         self.mask = trainer.final_mask()
         _warn_if_over_budget(self.flops(self.mask) / self.flops(), trainer.config)
-        # the loop trains the traced GraphModule, whose layers are the model's but whose root is another object: a
-        # model passed in eval mode would keep an eval root over training layers (and so would its pruned copy)
-        self.model.train()
+        self.model.train()  # the loop trained the GraphModule, whose root is not the model's: no eval root stays
         return history
 
     # ------------------------------------------------------------------ presentation
