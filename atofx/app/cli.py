@@ -88,7 +88,7 @@ def _file_stem(model: str) -> str:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from atofx.app.model_zoo import load, untraceable
+    from atofx.app.model_zoo import load, misfit, untraceable
     from atofx.ato.model import compile
     from atofx.core.files import make_folder
 
@@ -104,10 +104,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         raise untraceable(exc, f"MODEL {args.model}") from exc
     except ShapeError as exc:
         given = "x".join(map(str, args.input_size)) if args.input_size else "the default"
-        what = str(exc).split(" Pass example_inputs")[0]  # the API's advice does not help on the command line
-        raise ShapeError(f"{what} With --input-size {given}, the model got a batch of shape "
-                         f"{tuple(zoo.example.shape)}: give --input-size as one sample's shape without the batch "
-                         "dim, CxHxW for images (like 3x64x64).") from exc
+        raise misfit(exc, f"With --input-size {given}, the model got a batch of shape {tuple(zoo.example.shape)}: "
+                          "give --input-size as one sample's shape without the batch dim, CxHxW for images (like "
+                          "3x64x64).") from exc
     print(f"{args.model}: input {tuple(zoo.example.shape)}")
     print(ato.report())
     if not args.no_picture:

@@ -19,7 +19,8 @@ from functools import cache
 import torch
 from torch import nn
 
-from atofx.errors import AtofxError, ModelNotFoundError, TraceError
+from atofx.core.analysis import EXAMPLE_ADVICE
+from atofx.errors import AtofxError, ModelNotFoundError, ShapeError, TraceError
 
 __all__ = [
     "ModelNotFoundError",
@@ -155,6 +156,11 @@ def unknown_model(name: str, others: Sequence[str] = (), offer: str = "") -> Mod
     close = difflib.get_close_matches(name, [*others, *torchvision_models()], n=3, cutoff=0.5)
     return ModelNotFoundError(f"unknown model {name!r}: " + (f"did you mean {', '.join(close)}? " if close else "")
                               + offer)
+
+
+def misfit(exc: ShapeError, advice: str) -> ShapeError:
+    """`exc` for a command-line user, who passes no example inputs: the API's advice replaced by `advice`."""
+    return ShapeError(f"{str(exc).removesuffix(' ' + EXAMPLE_ADVICE)} {advice}")
 
 
 def untraceable(exc: TraceError, named: str) -> TraceError:

@@ -273,11 +273,10 @@ def _analysed(job: TrainJob, model: nn.Module, example: tuple) -> ATOModel:
     try:
         return compile_model(model, example)
     except ShapeError as exc:
-        what = str(exc).split(" Pass example_inputs")[0]  # the API's advice: a command-line user passes no inputs
         size = "x".join(map(str, example[0].shape[1:]))
         resize = " (or another --image-size)" if job.dataset in ("folder", "imagenet") else ""
-        raise ShapeError(f"{what} --model {job.model} does not take {job.dataset} images ({size}): give a model "
-                         f"made for them{resize}.") from exc
+        raise model_zoo.misfit(exc, f"--model {job.model} does not take {job.dataset} images ({size}): give a "
+                                    f"model made for them{resize}.") from exc
     except TraceError as exc:
         raise model_zoo.untraceable(exc, f"--model {job.model}") from exc
 

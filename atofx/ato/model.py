@@ -188,7 +188,7 @@ class ATOModel(Analysis):
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,
                       val_loader, folder, log, StepPrecision.of(amp, channels_last), progress)
         self.mask = trainer.final_mask()
-        _warn_if_over_budget(self.flops(self.mask) / self.flops(), trainer.config)
+        _warn_if_over_budget(self.flops(self.mask) / self.flops_model.total, trainer.config)
         self.model.train()  # the loop trained the GraphModule, whose root is not the model's: no eval root stays
         return history
 

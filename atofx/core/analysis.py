@@ -36,6 +36,9 @@ def _node_kind(root: nn.Module, node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+# the Python API's advice when the model fails on its example inputs (the command line words its own)
+EXAMPLE_ADVICE = "Pass example_inputs shaped like one real batch (a tuple with one entry per forward argument)."
+
 class Analysis:
     """A model traced by atofx: its graph, and once analysed its ZIGs, channel spaces and FLOPs model."""
 
@@ -101,8 +104,7 @@ class Analysis:
                 raise ShapeError(
                     f"the model failed on the example inputs ({shapes}) at node '{failed.node.name}' "
                     f"({_node_kind(root, failed.node)}): {type(failed.exc).__name__}: "
-                    f"{cause[0] if cause else ''}. Pass example_inputs shaped like one real batch "
-                    "(a tuple with one entry per forward argument)."
+                    f"{cause[0] if cause else ''}. {EXAMPLE_ADVICE}"
                 ) from failed.exc
         self.example_inputs = inputs
         # shapes only: what batches' labels are checked against

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from atofx.core.files import require_folder_of
 from atofx.core.nested import as_tuple, on_device_of
 from atofx.errors import AtofxError
 
@@ -41,9 +42,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any, check: 
     Every submodule's train/eval mode is what it was before the call.
     """
     onnx = _require_onnx()
-    folder = Path(path).expanduser().parent
-    if not folder.is_dir():  # else the exporter fails on a temporary file of its own, which names nothing useful
-        raise AtofxError(f"cannot write {path}: the folder {folder} does not exist; create it or give another path.")
+    require_folder_of(Path(path).expanduser())  # else the exporter fails on a temporary file of its own
     modes = [(m, m.training) for m in model.modules()]
     try:
         return _export_checked(onnx, model.eval(), Path(path), example_inputs, check)

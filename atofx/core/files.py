@@ -17,6 +17,11 @@ _CODE_OPCODES = {op[0] for op in (pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.INS
 _CODE_MESSAGE = re.compile(r"global|reduce|can only create new object|can only build|persistent", re.IGNORECASE)
 
 
+def _reader_text(exc: BaseException) -> str:
+    """What torch's weights-only reader itself said, without the advice torch puts before it."""
+    return str(exc).split("WeightsUnpickler error:")[-1]
+
+
 def carries_code(exc: pickle.UnpicklingError) -> bool:
     """Whether torch.load(weights_only=True) refused a file for what it would import or call, not for damage.
 
@@ -26,7 +31,7 @@ def carries_code(exc: pickle.UnpicklingError) -> bool:
     operand = re.search(r"Unsupported operand (\d+)", msg)
     if operand is not None:
         return int(operand.group(1)) in _CODE_OPCODES
-    return _CODE_MESSAGE.search(msg.split("WeightsUnpickler error:")[-1]) is not None
+    return _CODE_MESSAGE.search(_reader_text(exc)) is not None
 
 
 # failures to reach a file, which say nothing about what is in it: they propagate as Python raised them
@@ -36,8 +41,7 @@ ACCESS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, Permi
 def load_failure(exc: BaseException) -> str:
     """Why torch.load refused a file, in one line: the weights-only reader's own reason, without the advice torch
     wraps around it (which suggests `weights_only=False`, the load atofx exists not to make)."""
-    text = str(exc).split("WeightsUnpickler error:")[-1]
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    line = next((s.strip() for s in _reader_text(exc).splitlines() if s.strip()), "")
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
@@ -50,6 +54,13 @@ def safe_load(path: str | Path, refused: str) -> Any:
         if carries_code(exc):
             raise UnsafeCheckpointError(f"{path} {refused} ({load_failure(exc)})") from exc
         raise
+
+
+def require_folder_of(path: Path) -> None:
+    """AtofxError unless the folder `path` goes in exists: said before any work, not by the writer at the end."""
+    if not path.parent.is_dir():
+        raise AtofxError(f"cannot write {path}: the folder {path.parent} does not exist; create it first, or give "
+                         "another path.")
 
 
 def make_folder(path: Path, hint: str) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from atofx.core.files import ACCESS_ERRORS, atomic_save, load_failure, safe_load
+from atofx.core.files import ACCESS_ERRORS, atomic_save, load_failure, require_folder_of, safe_load
 from atofx.errors import AtofxError, UnsafeCheckpointError
 from atofx.passes.equivalence import relative_difference, run_eval
 from atofx.passes.op_rules import OPS
@@ -228,8 +228,7 @@ def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path
         raise AtofxError(f"atofx.save takes the model (an nn.Module), got {type(model).__name__}: save "
                          "ato.prune()'s result, or ato.model for the trained model before pruning.")
     path = Path(path).expanduser()
-    if not path.parent.is_dir():  # checked before the graph is traced and rebuilt, which can take a while
-        raise AtofxError(f"cannot save to {path}: the folder {path.parent} does not exist; create it first.")
+    require_folder_of(path)  # before the graph is traced and rebuilt, which can take a while
     inputs = example_inputs if example_inputs is not None else example_inputs_of.get(model)
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
