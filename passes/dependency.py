@@ -12,6 +12,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch.fx as fx
 from torch import nn
 
@@ -20,7 +21,7 @@ from .channel_layout import ChannelLayout, layouts_in
 from .path_tracer import DeclaredLeaves, LeafSpec
 from .registry import OpTable
 from .rule_context import ChannelFacts, RuleContext, output_shapes, tensor_shape
-from .tracing import EVAL_IDENTITY
+from .tracing import EVAL_IDENTITY, mode_branches
 
 
 def describe_target(node: fx.Node, root: nn.Module) -> str:
@@ -60,14 +61,24 @@ class ChannelDependencyPass:
         self.graph = graph if graph is not None else root.graph
         self.ops = op_rules.OPS if ops is None else ops
         self.declared = DeclaredLeaves(leaf_modules)  # opaque at the user's request: pinned, but not unknown
+        self.one_mode = bool(mode_branches(self.graph))  # a graph of one mode's branch cannot be the pruned model
 
     def run(self) -> ChannelFacts:
         facts = ChannelFacts(aliases=tensor_aliases(self.root))
         modules = Submodules(self.root)
         for node in self.graph.nodes:
             module = modules(str(node.target)) if node.op == "call_module" else None
-            layout = self._visit(RuleContext(node, self.root, facts, module))
+            ctx = RuleContext(node, self.root, facts, module)
+            layout = self._visit(ctx)
             facts.layouts[node.name] = layout
+            if isinstance(layout, ChannelLayout) and mutates_first_argument(node, module):
+                _written_in_place(ctx, layout)
+            if node.name not in facts.channel_counts:
+                self._follow_counts(ctx)
+            if self.one_mode and node.name in facts.literal_channel_args:
+                # pruning them would need the rewritten graph, which keeps the branch of one mode only
+                ctx.pin_inputs(f"{facts.literal_channel_args.pop(node.name)} written in a forward that branches "
+                               "on self.training")
             if layouts_in(layout):
                 facts.graph_inputs[node.name] = _graph_inputs(node)
         return facts
@@ -102,6 +113,66 @@ class ChannelDependencyPass:
             ctx.pin_inputs(reason)
             return ctx.fresh_like_output(reason)
         return out
+
+    def _follow_counts(self, ctx: RuleContext) -> None:
+        """A channel count read off a tensor (`x.size(1)`) stays one through arithmetic on numbers and may size a
+        reshape, where it follows the pruned width; anything else it reaches (a tensor divided by it, the model's
+        output) would see another number once channels go: those channels are pinned."""
+        node, facts = ctx.node, ctx.facts
+        counted = [ids for n in node.all_input_nodes for ids in _counted(facts.channel_counts.get(n.name))]
+        if not counted:
+            return
+        ids = np.unique(np.concatenate(counted))
+        if node.op != "output" and not ctx.input_layouts() and ctx.out_shape is None and output_shapes(node) is None:
+            ctx.counts(ids)  # arithmetic on numbers: still a count
+            return
+        op = self.ops.for_node(node, ctx.module) if node.op != "output" else None
+        if op is None or not op.takes_sizes:
+            what = "the model output" if node.op == "output" else describe_target(node, self.root)
+            ctx.pin(ids, f"its channel count (x.shape, x.size()) is used as a number by {what}")
+
+
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+# ops whose result may share its input's memory: writing into it writes into the tensor it was taken from
+_VIEWS = frozenset({"getitem", "view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
+                    "expand", "expand_as", "narrow", "split", "chunk", "unbind", "select", "contiguous", "to", "float",
+                    "type_as", "detach", "t", "movedim", "swapaxes", "view_as", "reshape_as", "as_strided", "getattr"})
+
+
+def mutates_first_argument(node: fx.Node, module: nn.Module | None) -> bool:
+    """Whether `node` writes its result into its first argument (`y.add_(1)`, `y += 1`, `F.relu(y, inplace=True)`,
+    `nn.ReLU(inplace=True)`): the tensor it was given then holds the result for every later reader."""
+    if node.op == "call_module":
+        return getattr(module, "inplace", False) is True
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _written_in_place(ctx: RuleContext, result: ChannelLayout) -> None:
+    """Later readers of the tensor an in-place op wrote into read its result. Where that tensor may be a view of
+    another (a slice, a reshape), the other changes too, out of sight: the channels it made non-zero are pinned."""
+    target = ctx.arg(0, "input")
+    before = ctx.layout(target)
+    if before is None or before.width != result.width:
+        return
+    ctx.facts.layouts[target.name] = result.at(before.dim)
+    lost = before.zero & ~result.zero
+    name = getattr(target.target, "__name__", str(target.target))
+    if lost.any() and target.op in ("call_method", "call_function") and name in _VIEWS:
+        ctx.pin(before.ids[lost], f"written in place through a view, where a dropped channel becomes non-zero ({name})")
+
+
+def _counted(value: Any) -> list[np.ndarray]:
+    if isinstance(value, tuple):
+        return [ids for ids in value if ids is not None]
+    return [] if value is None else [value]
 
 
 def tensor_aliases(root: nn.Module) -> dict[str, str]:

@@ -25,7 +25,7 @@ from atofx.errors import SurgeryError
 
 from .channel_layout import ChannelLayout, concat, reshape_groups
 from .registry import Kept, Method, Op, OpTable, Removal, ShapeShortcut, Surgery
-from .rule_context import RuleContext, output_shapes
+from .rule_context import RuleContext, output_shapes, tensor_shape
 
 
 def _ndim(ctx: RuleContext, value: Any) -> int:
@@ -671,6 +671,8 @@ def shape_query(ctx: RuleContext) -> Any:
     if isinstance(members, (tuple, list)) and attr in _RESULT_FIELDS and len(members) == 2:
         return members[_RESULT_FIELDS[attr]]
     lay = ctx.layout(src)
+    if ctx.out_shape is None and lay is not None:  # a number or a shape, not a tensor
+        _count_channels(ctx, lay, attr)
     if ctx.out_shape is None or lay is None:
         return None
     if attr in _TENSOR_ALIASES:
@@ -678,6 +680,22 @@ def shape_query(ctx: RuleContext) -> Any:
     reason = f"tensor attribute .{attr}" if attr else f"{ctx.node.target} returning a tensor"
     ctx.pin_inputs(reason)
     return ctx.fresh_like_output(reason)
+
+
+def _count_channels(ctx: RuleContext, lay: ChannelLayout, attr: Any) -> None:
+    """`x.size(1)`, `x.numel()`: the number of x's channels; `x.shape`, `x.size()`: a shape, counting them at the
+    channel dim; `x.dim()`, `x.ndim`: none."""
+    target, nd = ctx.node.target, _ndim(ctx, ctx.arg(0, "input"))
+    if target == "numel":
+        ctx.counts(lay.ids)
+    elif target == "size" or attr == "shape":
+        dim = ctx.arg(1, "dim") if target == "size" else None
+        if dim is None:
+            ctx.counts(tuple(lay.ids if d == lay.dim else None for d in range(nd)))
+        else:
+            ctx.counts(lay.ids if not isinstance(dim, int) or _norm_dim(dim, nd) == lay.dim else None)
+    else:
+        ctx.counts(None)
 
 
 def _reshape_layout(ctx: RuleContext, lay: ChannelLayout, src: tuple[int, ...], dst: tuple[int, ...],
@@ -728,7 +746,8 @@ def reshape(ctx: RuleContext) -> Any:
     if lay is None or src is None or dst is None:
         return None
     fixed: frozenset[int] = frozenset()
-    if ctx.node.target in ("view", "reshape") or ctx.node.target is torch.reshape:
+    view = ctx.node.target in ("view", "reshape") or ctx.node.target is torch.reshape
+    if view:
         args = list(ctx.node.args[1:]) if ctx.node.op == "call_method" else [ctx.arg(1, "shape")]
         if len(args) == 1 and isinstance(args[0], (tuple, list)):
             args = list(args[0])
@@ -737,7 +756,26 @@ def reshape(ctx: RuleContext) -> Any:
         literals = [a for a in args if isinstance(a, int) and a not in (-1, 1)]
         if any(a % lay.width == 0 or lay.width % max(a, 1) == 0 for a in literals):
             ctx.literal_channels("shape arguments")
-    return _reshape_layout(ctx, lay, tuple(src), tuple(dst), fixed)
+    else:
+        fixed = _unflattened_literals(ctx, len(src))
+    out = _reshape_layout(ctx, lay, tuple(src), tuple(dst), fixed)
+    if not view and isinstance(out, ChannelLayout) and out.dim in fixed:  # a view's literal is patched, these not
+        ctx.pin(lay.ids, "unflatten to sizes written as numbers, the channel count among them")
+    return out
+
+
+def _unflattened_literals(ctx: RuleContext, ndim: int) -> frozenset[int]:
+    """The output dims an unflatten (`nn.Unflatten(1, (6, 4, 4))`, `x.unflatten(1, (6, -1))`) gives literal sizes."""
+    if isinstance(ctx.module, nn.Unflatten):
+        dim, sizes = ctx.module.dim, ctx.module.unflattened_size
+    elif ctx.node.target == "unflatten":
+        dim, sizes = ctx.arg(1, "dim"), ctx.arg(2, "sizes")
+    else:
+        return frozenset()
+    if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)):
+        return frozenset()
+    start = _norm_dim(dim, ndim)
+    return frozenset(start + i for i, size in enumerate(sizes) if isinstance(size, int) and size > 1)
 
 
 def _patch_shape(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
@@ -951,8 +989,29 @@ def _patch_split(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
     return True
 
 
+def _index_items(index: Any, nd: int) -> list[Any]:
+    """The items of a tensor index with its Ellipsis spelled out as full slices (`x[..., :8]` on 4 dims is
+    `x[:, :, :, :8]`), so an item's position counts the dims before it (a None adds a dim, taking none)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        fill = nd - (len(items) - 1 - sum(i is None for i in items))
+        items[at:at + 1] = [slice(None)] * fill
+    return items
+
+
+def _item_at(items: list[Any], dim: int) -> int | None:
+    """The position in `items` of the item that indexes the input's `dim` (None items index no input dim)."""
+    taking = [i for i, item in enumerate(items) if item is not None]
+    return taking[dim] if dim < len(taking) else None
+
+
 def getitem(ctx: RuleContext) -> Any:
     src, index = ctx.node.args
+    shape = ctx.facts.channel_counts.get(src.name) if isinstance(src, fx.Node) else None
+    if isinstance(shape, tuple):  # a dim of a shape (`x.shape[1]`; any, at a position known only at run time)
+        ctx.counts(shape[index] if isinstance(index, (int, slice)) else tuple(shape))
+        return None
     lays = ctx.facts.layouts.get(src.name) if isinstance(src, fx.Node) else None
     if isinstance(lays, (tuple, list)):
         if isinstance(index, int):
@@ -965,12 +1024,7 @@ def getitem(ctx: RuleContext) -> Any:
     lay = ctx.layout(src)
     if lay is None:
         return None
-    items = list(index) if isinstance(index, tuple) else [index]
-    nd = _ndim(ctx, src)
-    if any(i is Ellipsis for i in items):
-        at = items.index(Ellipsis)
-        fill = nd - (len(items) - 1 - sum(i is None for i in items))
-        items[at:at + 1] = [slice(None)] * fill
+    items = _index_items(index, _ndim(ctx, src))
     in_dim = out_dim = 0
     result = lay
     for item in items:
@@ -999,19 +1053,27 @@ def getitem(ctx: RuleContext) -> Any:
 
 
 def _patch_slice(node: fx.Node, layouts: dict[str, Any], kept: Kept) -> bool:
-    """A literal channel slice `x[:, a:b]` becomes the slice of the channels kept in it."""
+    """A literal channel slice `x[:, a:b]` (or `x[..., a:b]`) becomes the slice of the channels kept in it; a
+    strided one (`x[:, ::2]`), the list of their positions, as the kept channels need not be evenly spaced."""
     src, index = node.args
     lay = layouts.get(src.name)
-    items = list(index) if isinstance(index, tuple) else [index]
-    if not isinstance(lay, ChannelLayout) or lay.dim >= len(items) or not isinstance(items[lay.dim], slice):
+    shape = tensor_shape(src)
+    if not isinstance(lay, ChannelLayout) or shape is None:
         return False
-    s = items[lay.dim]
+    items = _index_items(index, len(shape))
+    at = _item_at(items, lay.dim)
+    if at is None or not isinstance(items[at], slice):
+        return False
+    s = items[at]
     start, stop, step = s.indices(lay.width)
     k = kept(lay)
-    new = slice(int(k[:start].sum()), int(k[:stop].sum()))
-    if step != 1 or new == slice(s.start, s.stop):
+    new: slice | list[int] = slice(int(k[:start].sum()), int(k[:stop].sum()))
+    if step != 1:  # the kept channels of a strided slice need not be evenly spaced: read them by position
+        chosen = np.arange(start, stop, step)
+        new = (np.cumsum(k) - 1)[chosen[k[chosen]]].tolist()
+    elif new == slice(s.start, s.stop):
         return False
-    items[lay.dim] = new
+    items[at] = new
     node.update_arg(1, tuple(items) if isinstance(index, tuple) else items[0])
     return True
 
@@ -1251,7 +1313,7 @@ OPS = OpTable([
     # layers with weights
     Op((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv", conv, surgery=conv_surgery, output_shape=conv_output_shape,
        saved_attrs=_CONV_ATTRS),
-    Op((F.conv1d, F.conv2d, F.conv3d), "conv", conv, patch=_patch_groups),
+    Op((F.conv1d, F.conv2d, F.conv3d), "conv", conv, patch=_patch_groups, takes_sizes=True),  # groups=x.shape[1]
     Op((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv-transpose", conv_transpose,
        surgery=conv_surgery, saved_attrs=_CONV_ATTRS),
     Op((nn.Linear,), "linear", linear, surgery=linear_surgery, output_shape=linear_output_shape,
@@ -1285,13 +1347,13 @@ OPS = OpTable([
     Op((nn.ZeroPad3d, nn.ConstantPad3d, nn.ReflectionPad3d, nn.ReplicationPad3d), "spatial padding", spatial(3)),
     Op((F.pad,), "pad", pad),
     # shape
-    Op((torch.reshape, Method("view"), Method("reshape")), "reshape", reshape, patch=_patch_shape),
+    Op((torch.reshape, Method("view"), Method("reshape")), "reshape", reshape, patch=_patch_shape, takes_sizes=True),
     Op((torch.flatten, nn.Flatten, nn.Unflatten, Method("flatten"), Method("unflatten"), Method("view_as"),
         Method("reshape_as")), "reshape", reshape),
     Op((torch.permute, torch.transpose, torch.swapaxes, torch.movedim, Method("permute"), Method("transpose"),
         Method("swapaxes"), Method("movedim")), "permute", permute),
     Op((torch.squeeze, torch.unsqueeze, Method("squeeze"), Method("unsqueeze")), "squeeze", squeeze_unsqueeze),
-    Op((Method("expand"), Method("expand_as")), "expand", expand),
+    Op((Method("expand"), Method("expand_as")), "expand", expand, takes_sizes=True),
     *(Op((getattr(torch, name), Method(name)), f"reduce {name}", reduce(name))
       for name in ("mean", "sum", "amax", "amin", "std", "var")),
     Op((torch.cat, torch.concat, torch.concatenate), "cat", cat),
@@ -1303,7 +1365,7 @@ OPS = OpTable([
     Op((nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle), "pixel shuffle", pixel_shuffle),
     Op((nn.ChannelShuffle, torch.channel_shuffle), "channel shuffle", channel_shuffle),
     Op((Method("size"), Method("dim"), Method("numel"), getattr), "shape query", shape_query),
-    Op(tuple(Method(m) for m in _new_tensor_methods), "new tensor", new_tensor),
+    Op(tuple(Method(m) for m in _new_tensor_methods), "new tensor", new_tensor, takes_sizes=True),
     Op((torch.max, torch.min, Method("max"), Method("min")), "reduce max/min", max_min),
     # sequences and products
     Op((nn.RNN, nn.GRU, nn.LSTM), "recurrent", recurrent, surgery=recurrent_surgery, saved_attrs=("input_size",)),

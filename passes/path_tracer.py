@@ -17,6 +17,8 @@ _PLAIN_ARGS = frozenset({fx.Proxy, tuple, list, dict, int, float, bool, str, typ
 
 
 EVAL_IDENTITY = "atofx_eval_identity"  # node meta: a module kept as a call, the identity in eval mode
+# output node meta: the modules whose Python branches on `training` left a graph that differs between the modes
+MODE_BRANCHES = "atofx_mode_branches"
 
 
 class DeclaredLeaves:
@@ -37,19 +39,23 @@ class _TrainingFlag:
     tracer probes eval mode); as an argument it becomes a read of the GraphModule's own `training`, so
     `F.dropout(x, p, self.training)` follows `.train()` and `.eval()` of the traced graph."""
 
-    def __init__(self, tracer: PathTracer, mode: bool) -> None:
-        self.tracer, self.mode = tracer, mode
+    def __init__(self, tracer: PathTracer, mode: bool, module: nn.Module) -> None:
+        self.tracer, self.mode, self.module = tracer, mode, module
 
     def __bool__(self) -> bool:
         self.tracer.flag_reads += 1
+        self.tracer.readers.append(self.module)
         return self.mode and not self.tracer.probing_eval
 
 
 class PathTracer(fx.Tracer):
     """An fx Tracer that knows which submodule it is inside and keeps user leaf modules opaque."""
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec]):
+    def __init__(self, leaf_modules: Iterable[LeafSpec], flip_modes: bool = False):
+        """`flip_modes`: trace every module as if in the other mode (what `mode_branches` compares against)."""
         super().__init__()
+        self.flip_modes = flip_modes
+        self.readers: list[nn.Module] = []  # whose `training` a Python branch read, but for modules kept as calls
         self.declared = DeclaredLeaves(leaf_modules)
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
@@ -74,7 +80,7 @@ class PathTracer(fx.Tracer):
         modules = list(root.modules()) if isinstance(root, nn.Module) else []
         modes = [m.training for m in modules]
         for m, mode in zip(modules, modes, strict=True):
-            m.training = _TrainingFlag(self, mode)
+            m.training = _TrainingFlag(self, mode != self.flip_modes, m)
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -105,12 +111,13 @@ class PathTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.path_stack.append(self.path_of_module(m))
-        reads, last = self.flag_reads, self.graph._root.prev
+        reads, readers, last = self.flag_reads, len(self.readers), self.graph._root.prev
         try:
             out = super().call_module(m, forward, args, kwargs)
             if self.flag_reads == reads or not args or kwargs or not self.path_stack[-1]:
                 return out
             if out is args[0] or self._eval_identity(m, forward, args):
+                del self.readers[readers:]  # its branch runs as its own forward, in either mode
                 return self._as_call(last, args)
             return out
         except Exception:

@@ -49,7 +49,8 @@ class Op:
       patch: for a function or method, rewrites the channel count it was called with once the rule marked
       it (`ctx.literal_channels`). output_shape: for a plain layer class, its output shape without running
       it. saved_attrs: a layer's integer width attributes, which saving records so a fresh instance can be
-      shrunk to fit the file.
+      shrunk to fit the file. takes_sizes: its size arguments may be channel counts read off a tensor (`x.view(n,
+      x.size(1), -1)`); they follow the pruned widths, where any other use of such a count pins its channels.
     """
 
     targets: tuple[Any, ...]
@@ -59,6 +60,7 @@ class Op:
     patch: LiteralPatch | None = None
     output_shape: ShapeShortcut | None = None
     saved_attrs: tuple[str, ...] = ()
+    takes_sizes: bool = False
 
 
 def _is_layer(target: Any) -> bool:

@@ -70,6 +70,8 @@ class ChannelFacts:
     aliases: dict[str, str] = field(default_factory=dict)  # second name of a shared tensor -> its first name
     group_norms: dict[str, np.ndarray] = field(default_factory=dict)  # GroupNorm path -> element ids of its input
     contractions: list[str] = field(default_factory=list)  # products summing over their first argument's channels
+    # node -> the element ids a value counts (`x.size(1)`: x's channels; `x.shape`: per position), None for none
+    channel_counts: dict[str, Any] = field(default_factory=dict)
     _graph: nx.DiGraph | None = None
     _union_a: list[np.ndarray] = field(default_factory=list)
     _union_b: list[np.ndarray] = field(default_factory=list)
@@ -220,6 +222,11 @@ class RuleContext:
 
     def literal_channels(self, what: str) -> None:
         self.facts.literal_channel_args[self.name] = what
+
+    def counts(self, ids: Any) -> None:
+        """This node's value is a number of channels (`ids`: the element ids counted; a tuple of them, or of None,
+        for a shape; None: it counts none), not a tensor."""
+        self.facts.channel_counts[self.name] = ids
 
 
 def default_channel_dim(shape: torch.Size) -> int:

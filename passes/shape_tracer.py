@@ -58,8 +58,8 @@ class ShapeTracer(PathTracer):
     it computes from the input size reaches the graph as numbers and the layer is analysed as a conv.
     """
 
-    def __init__(self, leaf_modules: Iterable[LeafSpec], example_inputs: tuple):
-        super().__init__(leaf_modules)
+    def __init__(self, leaf_modules: Iterable[LeafSpec], example_inputs: tuple, flip_modes: bool = False):
+        super().__init__(leaf_modules, flip_modes)
         self.inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs]  # in-place ops
         self.values: dict[fx.Node, Any] = {}
         self.static: set[fx.Node] = set()
@@ -167,7 +167,7 @@ class ShapeTracer(PathTracer):
         return graph
 
     def _run(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        flag_reads = self.flag_reads
+        flag_reads, readers = self.flag_reads, len(self.readers)
         modes = []
         self._evaluating = True
         try:
@@ -191,6 +191,7 @@ class ShapeTracer(PathTracer):
             for m, mode in modes:
                 m.training = mode
             self.flag_reads = flag_reads  # the example run's own reads are not the traced code's
+            del self.readers[readers:]
 
 
 def _is_layer_subclass(m: nn.Module) -> bool:

@@ -177,12 +177,14 @@ def _number_spaces(sig: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.nda
 
 
 def _roles(facts: ChannelFacts, spaces_of_slice: list[np.ndarray], n_space: int) -> tuple[list[list[str]], list[list[str]]]:
-    """Per space, the modules whose "out" slices hold it (producers) and those reading it otherwise."""
+    """Per space, the modules whose "out" slices hold it (producers) and those reading it otherwise; a parameter
+    of the model itself (a `(1, C, 1, 1)` scale), whose module path is "", by its own name."""
     producers: list[list[str]] = []
     consumers: list[list[str]] = []
+    owner = [s.module or s.name for s in facts.slices]
     for rows in _rows_per_space(spaces_of_slice, n_space):
-        producers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role == "out")))
-        consumers.append(list(dict.fromkeys(facts.slices[r].module for r in rows if facts.slices[r].role != "out")))
+        producers.append(list(dict.fromkeys(owner[r] for r in rows if facts.slices[r].role == "out")))
+        consumers.append(list(dict.fromkeys(owner[r] for r in rows if facts.slices[r].role != "out")))
     return producers, consumers
 
 

@@ -100,6 +100,7 @@ class ATOModel(Analysis):
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}.")
         self.pin(*ignored_layers, *pin)
+        self._warn_if_eval_branch()
         config["min_keep"] = self.min_keep(max_pruned)
         dev = resolve_device(device, self.model)
         self.model.to(dev)
@@ -107,6 +108,15 @@ class ATOModel(Analysis):
         self._trainer = ATOTrainer(self, ATOConfig.of(flavour, target_flops=target_flops, **config), epochs, dev)
         self._stepped_optimizer: torch.optim.Optimizer | None = None  # the custom loop's, flushed at end_epoch
         return self._trainer
+
+    def _warn_if_eval_branch(self) -> None:
+        """fx recorded the branch of the mode the model was compiled in, and training runs that graph."""
+        if self.mode_branches and not self.traced_in_train_mode:
+            where = ", ".join(f"'{b}'" if b else f"{type(self.model).__name__}.forward" for b in self.mode_branches)
+            warnings.warn(AtofxWarning(
+                f"{where} branches on self.training, and the model was compiled in eval mode: torch.fx recorded the "
+                "eval branch, and that is what ato.train would train (running BatchNorm statistics, say, where "
+                "training uses the batch's). Call model.train() before atofx.compile(...)."), stacklevel=3)
 
     def _active(self) -> ATOTrainer:
         if getattr(self, "_trainer", None) is None:

@@ -23,7 +23,7 @@ from atofx.errors import AtofxError, ConfigError, ShapeError
 from atofx.passes.dependency import ChannelDependencyPass, ChannelFacts
 from atofx.passes.flops import FlopsModel, FlopsProp
 from atofx.passes.shape_prop import NodeFailed, ShapeProp
-from atofx.passes.tracing import LeafSpec, trace_graph
+from atofx.passes.tracing import LeafSpec, mode_branches, trace_graph
 from atofx.passes.values import evaluating
 from atofx.passes.zig_inference import ChannelSpace, ZIGSet, infer_zigs
 
@@ -56,6 +56,7 @@ class Analysis:
         self._facts: ChannelFacts | None = None
         self._zigs: ZIGSet | None = None
         self._flops: FlopsModel | None = None
+        self.traced_in_train_mode = model.training  # the branch on `training` fx recorded, where the forward has one
 
     @classmethod
     def traced(cls: type[A], model: nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
@@ -81,6 +82,11 @@ class Analysis:
     def _root(self) -> nn.Module:
         """What the graph's targets are paths in: the GraphModule once there is one, else the traced model."""
         return self._graph_module if self._graph_module is not None else self.model
+
+    @property
+    def mode_branches(self) -> tuple[str, ...]:
+        """The modules ("" the model itself) whose Python branch on `training` makes the graph one mode's only."""
+        return mode_branches(self.graph)
 
     @property
     def analysed(self) -> bool:

@@ -16,7 +16,7 @@ from atofx.core.serialization import example_inputs_of
 from atofx.errors import EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.rewrite import patch_literals, prune_copy
-from atofx.passes.tracing import trace
+from atofx.passes.tracing import mode_branches, trace
 from atofx.passes.values import device_of
 from atofx.passes.zig_inference import ZIGSet
 
@@ -55,8 +55,9 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
     zero_dropped(reference, zigs, keep)
     inputs = map_tensors(lambda t: t.cpu(), example_inputs)
     expected = run_eval(reference, inputs)
+    branches = mode_branches(graph_module.graph)
     for candidate in (small, patched):
-        if candidate is None:
+        if candidate is None or (candidate is patched and branches):  # a graph of one mode: wrong in the other
             continue
         try:
             got = run_eval(candidate.cpu(), inputs)
@@ -70,6 +71,7 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
     where = first_divergence(ref_gm, new_gm, inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
     raise EquivalenceError(
         f"the pruned model differs from the masked model, first at {where}. This is an atofx bug or an op "
-        "rule that is wrong for this model: please report it; meanwhile keep the op opaque with "
-        "leaf_modules=[...] so its channels are pinned."
+        "rule that is wrong for this model: please report it; meanwhile pin the channels that reach that op, "
+        "ato.pin('layer') with a layer or space ato.report() lists, before training (or keep a module opaque "
+        "with leaf_modules=[...])."
     )

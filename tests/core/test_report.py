@@ -90,6 +90,30 @@ def test_leaf_module_is_pinned_by_name():
     assert "Flip" in ato.report()
 
 
+class RootScale(nn.Module):
+    """conv, BN, then a `(1, C, 1, 1)` parameter of the model itself (its module path is "")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b, self.d = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.w = nn.Parameter(torch.randn(5, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(self.d(self.b(self.c(x)) * self.scale), self.w)
+
+
+def test_a_parameter_of_the_model_itself_is_named_not_left_empty():
+    torch.manual_seed(0)
+    ato = atofx.compile(RootScale(), torch.randn(1, 3, 8, 8))
+    records = {r["name"]: r for r in space_records(ato)}
+    assert records["c"]["producers"] == ["c", "b", "scale"]
+    assert records["d"]["consumers"] == ["w"]
+    rows = _table_rows(ato.report())
+    assert any(row.split()[:6] == ["1", "c", "8", "c,", "b,", "scale"] for row in rows), rows
+    assert not any(re.search(r", ( |$)|,,", row) for row in rows), rows
+
+
 def test_format_table_aligns_columns():
     text = format_table(["a", "long header"], [[1, "x"], ["wide cell", 2]])
     lines = text.splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from atofx.passes.channel_layout import ChannelLayout
 from atofx.passes.dependency import tensor_aliases
 from atofx.passes.op_rules import OPS
@@ -106,3 +107,78 @@ def test_every_slice_names_a_real_parameter_dim_of_the_right_width(model: type) 
     params = dict(net.named_parameters())
     for s in zigs.slices:
         assert params[f"{s.module}.{s.name}"].shape[s.dim] == len(s.ids), s
+
+
+class Written(nn.Module):
+    """conv `a` -> `write(y)` (its result unused: the forward reads y again) -> relu -> conv `head`."""
+
+    def __init__(self, write) -> None:
+        super().__init__()
+        self.write = write
+        self.a, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        self.write(y)
+        return self.head(torch.relu(y))
+
+
+@pytest.mark.parametrize("write", [lambda y: y.add_(1.0), lambda y: y.clamp_(min=0.5), lambda y: y.sigmoid_(),
+                                   lambda y: torch.sigmoid_(y)], ids=["add_", "clamp_", "sigmoid_", "torch.sigmoid_"])
+def test_an_in_place_write_whose_result_is_unused_reaches_the_tensors_later_readers(write) -> None:
+    """y.add_(1) makes a dropped channel 1 in y itself: the conv reading y afterwards must see that and pin it."""
+    _, zigs = analyse(Written(write), example())
+    space = space_of(zigs, "a")
+    assert space.pinned and "not zero when its group is zeroed" in space.reason, space
+
+
+@pytest.mark.parametrize("write", [lambda y: y.relu_(), lambda y: y.mul_(2.0), lambda y: F.relu(y, inplace=True)],
+                         ids=["relu_", "mul_", "inplace=True"])
+def test_an_in_place_write_that_keeps_zeros_keeps_the_channels_prunable(write) -> None:
+    _, zigs = analyse(Written(write), example())
+    assert not space_of(zigs, "a").pinned
+
+
+def test_an_in_place_write_through_a_view_pins_what_it_makes_non_zero() -> None:
+    """y[:, :2].add_(1) writes into y's first two channels through the slice: only those are pinned."""
+    _, zigs = analyse(Written(lambda y: y[:, :2].add_(1.0)), example())
+    pinned = [s for s in zigs.spaces if "a" in s.producers and s.pinned]
+    assert [s.width for s in pinned] == [2] and "written in place through a view" in pinned[0].reason
+    assert [s.width for s in zigs.spaces if "a" in s.producers and not s.pinned] == [4]
+
+
+class Counted(nn.Module):
+    """conv `a` -> relu -> `use(conv head's output, the relu's output)`."""
+
+    def __init__(self, use, head_in: int = 6) -> None:
+        super().__init__()
+        self.use = use
+        self.a, self.head = nn.Conv2d(3, 6, 1), nn.Conv2d(head_in, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        return self.use(self.head, y)
+
+
+@pytest.mark.parametrize("use", [
+    lambda head, y: head(y) / y.shape[1],
+    lambda head, y: head(y) * y.size(1),
+    lambda head, y: head(y) / y.numel(),
+    lambda head, y: head(y) * (y.size(-3) // 2 + 1),
+    lambda head, y: (head(y), y.shape[1]),
+], ids=["shape[1]", "size(1)", "numel", "arithmetic", "returned"])
+def test_a_channel_count_used_as_a_number_pins_the_channels(use) -> None:
+    """After pruning, y.shape[1] is another number: the pruned model would divide by it."""
+    _, zigs = analyse(Counted(use), example())
+    space = space_of(zigs, "a")
+    assert space.pinned and "channel count (x.shape, x.size()) is used as a number" in space.reason, space
+
+
+@pytest.mark.parametrize("use", [
+    lambda head, y: head(y.view(y.size(0), y.size(1), -1).view(y.shape)),
+    lambda head, y: head(y) * y.shape[0] + y.shape[2],
+    lambda head, y: head(y.view(y.shape[0], 2, y.shape[1] // 2, 5, 5).transpose(1, 2).reshape(y.shape)),
+], ids=["view", "batch-and-spatial", "channel-shuffle"])
+def test_a_channel_count_sizing_a_reshape_or_other_dims_keeps_the_channels_prunable(use) -> None:
+    _, zigs = analyse(Counted(use), example())
+    assert not space_of(zigs, "a").pinned

@@ -1125,6 +1125,22 @@ def test_split_sections_are_separate_spaces(split: Callable) -> None:
     assert mapping(ato, second, OUT("conv"), IN("heads.1")) == {(3 + k,): (k,) for k in range(5)}
 
 
+@pytest.mark.parametrize("op", [lambda: nn.Sequential(nn.Flatten(1), nn.Unflatten(1, (8, 6, 6))),
+                                lambda: (lambda x: x.flatten(1).unflatten(1, (8, 6, 6)))], ids=["Unflatten", ".unflatten"])
+def test_unflatten_to_a_channel_count_written_as_a_number_pins(op: Callable) -> None:
+    """The 8 in `(8, 6, 6)` would stay 8 after pruning (it is not rewritten): the channels are pinned."""
+    ato = analyse(Sandwich(op()), SHAPES[2])
+    assert_pinned(space(ato, "conv1"), "unflatten to sizes written as numbers")
+
+
+def test_unflatten_with_a_computed_channel_count_prunes() -> None:
+    model = Sandwich(lambda x: x.flatten(1).unflatten(1, (-1, 6, 6)))
+    ato = analyse(model, SHAPES[2], [Method("unflatten")])
+    assert not space(ato, "conv1").pinned
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))  # checked against the masked model
+    assert small.conv1.out_channels == 4
+
+
 def test_unequal_chunks_pin() -> None:
     ato = analyse(Split(lambda x: x.chunk(3, dim=1), (3, 3, 2)), SHAPES[2], [Method("chunk")])
     assert all(s.pinned and "chunks of unequal size" in s.reason for s in spaces_of(ato, "conv"))

@@ -150,8 +150,10 @@ def test_a_wrong_rule_is_caught_by_the_equivalence_check(monkeypatch):
     # pretend a flip of the channels were elementwise: a wrong prune the check must refuse
     monkeypatch.setattr(op_rules, "OPS", op_rules.OPS.with_entries(Op((torch.flip,), "elementwise", op_rules.unary(True))))
     ato = atofx.compile(Flip().eval(), (torch.randn(1, 3, 4, 4),))
-    with pytest.raises(atofx.EquivalenceError, match="first at flip"):
+    with pytest.raises(atofx.EquivalenceError, match=r"first at flip.*ato\.pin\('layer'\)"):
         ato.prune(ato.random_mask(keep=0.5, seed=0))
+    ato.pin("a")  # what the message advises works: nothing of a's space goes
+    assert not ato.zigs.prunable and ato.prune(ato.random_mask(keep=0.5, seed=0)).a.out_channels == 6
 
 
 def test_masks_that_do_not_fit_are_refused():
@@ -164,3 +166,74 @@ def test_masks_that_do_not_fit_are_refused():
         ato.random_mask(keep=0.0)
     with pytest.raises(atofx.AtofxError, match="no mask"):
         ato.prune()
+
+
+class _Sliced(nn.Module):
+    """conv `a` (16 channels) -> relu -> `pick(y)` -> conv `b` (8 channels in)."""
+
+    def __init__(self, pick, channels_last: bool = False):
+        super().__init__()
+        self.pick, self.channels_last = pick, channels_last
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        if self.channels_last:  # NHWC: the channel dim is the last
+            return self.b(self.pick(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.b(self.pick(y))
+
+
+@pytest.mark.parametrize(("pick", "channels_last"), [
+    (lambda y: y[:, ::2] + y[:, 1::2], False),
+    (lambda y: y[:, 1:16:2], False),
+    (lambda y: y[:, None][:, 0, 1::2], False),
+    (lambda y: y[..., :8], True),
+    (lambda y: y[..., 4:12], True),
+], ids=["::2-and-1::2", "1:16:2", "None-then-1::2", "channels-last-...,:8", "channels-last-...,4:12"])
+def test_strided_and_ellipsis_channel_slices_are_rewritten_to_the_channels_kept(pick, channels_last):
+    """A strided slice reads the kept channels by position (they need not be evenly spaced); `x[..., a:b]` slices
+    the last dim, which is the channel dim of a channels-last tensor."""
+    torch.manual_seed(0)
+    model = _Sliced(pick, channels_last).eval()
+    x = torch.randn(2, 3, 6, 6)
+    for seed in range(3):
+        ato, small = prune_and_compare(model, x, keep=0.5, seed=seed)
+        assert ato.zigs.prunable and small.a.out_channels < 16
+
+
+class _TrainHalves(nn.Module):
+    """A branch on `self.training` in the forward and a hard-coded channel count (`reshape(-1, 8 * 16)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.fc = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.Linear(8 * 16, 5)
+        self.c1, self.c2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c0(x))
+        if self.training:
+            y = y * 0.5
+        return self.fc(y.reshape(-1, 8 * 16)) + self.c2(F.relu(self.c1(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["compiled-in-train-mode", "compiled-in-eval-mode"])
+def test_a_forward_branching_on_training_is_pruned_into_its_own_class_exact_in_both_modes(mode):
+    """A rewritten graph would keep one mode's branch: the hard-coded count is pinned instead, so the pruned model
+    keeps the user's class, with its branch, and equals the masked model in train and in eval mode."""
+    torch.manual_seed(0)
+    model, x = _TrainHalves().train(mode), torch.randn(4, 3, 16, 16)
+    ato = atofx.compile(model, x[:1])
+    assert ato.mode_branches == ("",)
+    assert space_pinned_by(ato, "c0", "shape arguments written in a forward that branches on self.training")
+    mask = ato.random_mask(keep=0.5, seed=0)
+    small = ato.prune(mask)
+    assert type(small) is _TrainHalves and small.c1.out_channels < 6
+    ato.apply_mask(mask)
+    for train in (True, False):
+        model.train(train), small.train(train)
+        with torch.no_grad():
+            assert relative_difference(model(x), small(x)) <= TOL
+
+
+def space_pinned_by(ato: atofx.ATOModel, producer: str, reason: str) -> bool:
+    return any(producer in s.producers and s.pinned and reason in s.reason for s in ato.spaces)

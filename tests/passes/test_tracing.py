@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from atofx.passes.tracing import trace
+from atofx.passes.tracing import mode_branches, trace, trace_graph
 from torch import nn
 
 import atofx
@@ -249,3 +249,42 @@ class PerSample(nn.Module):
 
 def test_a_list_of_batch_slices_is_still_refused() -> None:
     assert "iteration over a tensor" in str(_trace_error(PerSample()))
+
+
+class _Halves(nn.Module):
+    """Halves its input in train mode: a Python branch on `self.training`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x * 0.5
+        return x + 1
+
+
+class _Branching(nn.Module):
+    """A branch on `self.training` in the model itself (`aux`: googlenet's `if self.training and self.aux_logits`,
+    one graph either way without aux) or in a submodule (`inner`)."""
+
+    def __init__(self, inner: bool = False, aux: bool = True):
+        super().__init__()
+        self.inner, self.aux = inner, aux
+        self.conv, self.halves = nn.Conv2d(3, 4, 1), _Halves()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.inner:
+            return self.halves(y)
+        if self.training and self.aux:
+            y = y * 0.5
+        return y
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("model", "expected"), [
+    (lambda: _Branching(), ("",)),
+    (lambda: _Branching(inner=True), ("halves",)),
+    (lambda: _Branching(aux=False), ()),
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5)), ()),
+], ids=["the-model-itself", "a-submodule", "one-graph-either-way", "dropout"])
+def test_a_branch_on_training_that_changes_the_graph_is_marked_with_its_module(model, expected, mode):
+    """fx records the branch of the model's mode; atofx marks the graph when the other mode's differs."""
+    assert mode_branches(trace_graph(model().train(mode))) == expected
