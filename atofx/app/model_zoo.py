@@ -12,7 +12,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -123,6 +123,21 @@ def _import_factory(spec: str) -> object:
     return target
 
 
+def _call_factory(spec: str, factory: Callable[[], object]) -> object:
+    """`factory()`; an exception of the user's code becomes one line that names the factory."""
+    try:
+        return factory()
+    except AtofxError:
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        module_name, _, attr = spec.partition(":")
+        raise ModelNotFoundError(
+            f"{spec} raised {type(exc).__name__}" + (f": {lines[0][:300]}" if lines else "")
+            + f". Fix the factory; python -c 'import {module_name}; {module_name}.{attr}()' shows where."
+        ) from exc
+
+
 def _load_factory(spec: str, input_size: tuple[int, ...] | None) -> tuple[nn.Module, torch.Tensor | None]:
     factory = _import_factory(spec)
     if isinstance(factory, nn.Module):
@@ -137,7 +152,7 @@ def _load_factory(spec: str, input_size: tuple[int, ...] | None) -> tuple[nn.Mod
             ) from None
         except ValueError:  # no signature to read (a builtin): call it and see
             pass
-        result = factory()
+        result = _call_factory(spec, factory)
     else:
         raise ModelNotFoundError(f"{spec!r} is a {type(factory).__name__}, not a callable that returns an nn.Module.")
     example = None

@@ -257,6 +257,9 @@ def save(model: nn.Module, path: str | Path, example_inputs: Any = None) -> Path
         "example_shapes": [list(x.shape) for x in inputs] if inputs is not None
         and all(isinstance(x, torch.Tensor) for x in inputs) else None,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        # its forward is its torch.fx graph (what ato.prune returns when it rewrote numbers in the forward), not
+        # the source of its class; files without the key tell it by their class (GraphModule.__new__.<locals>...)
+        "forward_is_graph": isinstance(model, fx.GraphModule),
     }
     return atomic_save(payload, path)
 
@@ -317,13 +320,42 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     return "; ".join(parts) or None
 
 
+def _forward_is_graph(payload: dict[str, Any]) -> bool:
+    recorded = payload.get("forward_is_graph")
+    return recorded if isinstance(recorded, bool) else payload["class"].startswith(f"{fx.GraphModule.__module__}.")
+
+
+def _runs_the_saved_graph(model: nn.Module, record: dict[str, Any] | None) -> bool:
+    """Whether `model` (shrunk to the saved widths) computes the stored graph: the same nodes, numbers and all."""
+    if record is None:
+        return False
+    try:
+        return _graph_record(model if isinstance(model, fx.GraphModule) else trace(model))["nodes"] == record["nodes"]
+    except Exception:  # untraceable, or off the allow-list: not the saved graph
+        return False
+
+
+def _refuse_other_forward(path: str | Path, payload: dict[str, Any], model: nn.Module) -> None:
+    """Refuse to fill `model` with a file whose forward was rewritten unless `model` runs that very graph."""
+    if not _forward_is_graph(payload) or _runs_the_saved_graph(model, payload["graph"]):
+        return
+    rewritten = (f"{path} holds a pruned model whose forward is a rewritten torch.fx graph (pruning changed channel "
+                 "numbers written in the forward: a slice, reshape or split), so "
+                 f"{type(model).__name__}'s own forward would compute something else with these weights")
+    if payload["graph"] is not None:
+        raise AtofxError(f"{rewritten}. Load it without model=: atofx.load(path) returns it as a torch.fx.GraphModule.")
+    raise AtofxError(f"{rewritten}, and the file holds no graph ({payload['graph_missing_because']}), so it cannot be "
+                     "loaded. Keep the module ato.prune() returned, or torch.save it whole.")
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Load a model saved by `atofx.save`; the two forms return different types.
 
     Without `model`: a `torch.fx.GraphModule` rebuilt from the stored graph (no source needed; its
     submodules keep the saved names, its class is not yours).
     With `model`: that very instance (a fresh, unpruned one of the same architecture), shrunk to the
-    saved widths and loaded; you get your own classes and methods back.
+    saved widths and loaded; you get your own classes and methods back. A file whose forward atofx
+    rewrote (a GraphModule from `ato.prune`) is refused unless `model` traces to that same graph.
     A file whose tensors do not match their checksum is refused as damaged.
     """
     payload = read_payload(path)
@@ -336,10 +368,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         if why is not None:
             raise AtofxError(f"{fits}: {why}. Pass a fresh instance of the saved architecture.")
         try:
-            return _shrink_into(model, payload)
+            _shrink_into(model, payload)
         except (RuntimeError, AttributeError, KeyError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AtofxError(f"{fits}: {first_line[:300]}") from exc
+        _refuse_other_forward(path, payload, model)
+        return model
     if payload["graph"] is None:
         raise AtofxError(
             f"{path} holds no graph ({payload['graph_missing_because']}); load it into a fresh instance of the "

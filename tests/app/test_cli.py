@@ -174,6 +174,20 @@ def test_a_factory_that_needs_arguments_says_so(tmp_path, monkeypatch, capsys):
     assert "needs arguments" in err and "'width'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["inspect", "atofx_raising_models:broken", "--no-picture"],
+                                     ["train", "--model", "atofx_raising_models:broken", "--quiet"]])
+def test_a_factory_that_raises_is_named_in_one_line(tmp_path, monkeypatch, capsys, command):
+    (tmp_path / "atofx_raising_models.py").write_text("def broken():\n    raise ValueError('boom\\nsecond line')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "atofx_raising_models", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main([*command, "--out", str(out)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("atofx: error: atofx_raising_models:broken raised ValueError: boom. ") and err.count("\n") == 1
+    assert "atofx_raising_models.broken()" in err and "second line" not in err and not out.exists()
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["report", "--help"], ["train", "--help"],
                                   ["nosuchcommand"],
                                   ["inspect", "resnet18", "--no-such-flag"]])

@@ -74,7 +74,7 @@ def test_saved_file_holds_plain_data_and_a_graph(saved):
     path, small, _, _ = saved
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == FORMAT and payload["graph"] is not None and payload["graph_missing_because"] is None
-    assert payload["class"] == "torchvision.models.resnet.ResNet"
+    assert payload["class"] == "torchvision.models.resnet.ResNet" and payload["forward_is_graph"] is False
     assert payload["layers"]["layer1.0.conv1"]["out_channels"] == small.layer1[0].conv1.out_channels < 64
     assert not path.with_name(path.name + ".tmp").exists()
 
@@ -160,6 +160,87 @@ def test_untraceable_model_loads_into_a_fresh_instance(tmp_path):
     loaded = atofx.load(path, model=Branchy())
     assert loaded.conv.out_channels == 5 and loaded.fc.in_features == 5
     assert torch.equal(run_eval(loaded, (x,)), run_eval(small, (x,)))
+
+
+class OneChannel(nn.Module):
+    """Reads channel 3 by a number in its forward: pruning must rewrite `y[:, 3:4]`, so ato.prune returns a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(y) + y[:, 3:4]
+
+
+class CatSlice(nn.Module):
+    """Splits a concat by a number in its forward (`y[:, :8]`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.c1(y[:, :8]) + self.c2(y[:, 8:])
+
+
+def save_rewritten(cls: type[nn.Module], folder: Path) -> tuple[Path, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    ato = atofx.compile(cls().eval(), x[:1])
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))
+    assert isinstance(small, fx.GraphModule), "the forward's numbers had to change"
+    return atofx.save(small, folder / "rewritten.pt"), small, x
+
+
+REWRITTEN = r"forward is a rewritten torch\.fx graph.*OneChannel's own forward.*without model=: atofx\.load\(path\)"
+
+
+@pytest.mark.parametrize("cls", [OneChannel, CatSlice])
+def test_a_rewritten_graph_is_refused_into_the_users_class_and_loads_without_it(tmp_path, cls):
+    path, small, x = save_rewritten(cls, tmp_path)
+    with pytest.raises(atofx.AtofxError, match=REWRITTEN.replace("OneChannel", cls.__name__)):
+        atofx.load(path, model=cls())
+    assert torch.equal(run_eval(atofx.load(path), (x,)), run_eval(small, (x,)))
+
+
+def test_a_rewritten_graph_saved_before_files_said_so_is_refused_too(tmp_path):
+    path, small, x = save_rewritten(OneChannel, tmp_path)
+    payload = read_payload(path)
+    del payload["forward_is_graph"]  # as atofx.save wrote it before; its class is GraphModule's
+    torch.save(payload, path)
+    with pytest.raises(atofx.AtofxError, match=REWRITTEN):
+        atofx.load(path, model=OneChannel())
+    assert torch.equal(run_eval(atofx.load(path), (x,)), run_eval(small, (x,)))
+
+
+def test_a_rewritten_graph_without_its_graph_cannot_be_loaded(tmp_path):
+    path, _, _ = save_rewritten(OneChannel, tmp_path)
+    payload = read_payload(path)
+    payload["graph"], payload["graph_missing_because"] = None, "a leaf module"
+    torch.save(payload, path)
+    with pytest.raises(atofx.AtofxError, match=r"rewritten.*holds no graph \(a leaf module\), so it cannot be loaded"):
+        atofx.load(path, model=OneChannel())
+
+
+def test_the_users_own_graph_module_loads_into_a_fresh_trace_of_it(tmp_path):
+    """A GraphModule whose numbers pruning left alone runs the saved graph: model= takes it."""
+    def traced() -> fx.GraphModule:
+        return fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    ato = atofx.compile(traced().eval(), x[:1])
+    small = ato.prune(ato.random_mask(keep=0.5, seed=0))
+    assert isinstance(small, fx.GraphModule) and small.get_submodule("0").out_channels < 8
+    path = atofx.save(small, tmp_path / "gm.pt")
+    assert torch.load(path, weights_only=True)["forward_is_graph"]
+    mine = traced()
+    assert atofx.load(path, model=mine) is mine
+    assert torch.equal(run_eval(mine, (x,)), run_eval(small, (x,)))
 
 
 # ---------------------------------------------------------------------- refusals
