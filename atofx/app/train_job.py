@@ -8,9 +8,11 @@ the controller takes as many steps per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -255,7 +257,8 @@ def run(job: TrainJob) -> dict[str, Any]:
         "seconds_this_invocation": time.perf_counter() - started,
         "picture": measured["picture"],
         "job": asdict(job),
-        "ato": asdict(config),  # every ATO option the run used, the flavour's included
+        # every ATO option the run used, the flavour's included, and the controller's share of this dataset
+        "ato": asdict(config) | {"controller_data": measured["controller_data"]},
     }
     if ranks.main:
         save(small, out / "pruned.pt", example)
@@ -292,14 +295,32 @@ def _dense_accuracy(job: TrainJob, out: Path, dense_model: nn.Module, train_load
         return stored["accuracy_dense"], stored.get("seconds", 0.0)
     started = time.perf_counter()
     loss_fn = nn.functional.cross_entropy
-    train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
-                make_optimizer=lambda m: job_optimizer(job, m))
+    with _rewound(train_loader):
+        train_plain(dense_model, train_loader, job.epochs, device, job.seed, loss_fn, progress,
+                    make_optimizer=lambda m: job_optimizer(job, m))
     accuracy = evaluate(dense_model, val_loader, device, loss_fn)["accuracy"]
     if distributed.current().main:  # kept across an interrupt: a rerun with the same settings does not train it again
         atomic_write_text(out / "dense.json", json.dumps({
             "accuracy_dense": accuracy, "seconds": time.perf_counter() - started,
             "settings": {k: getattr(job, k) for k in DENSE_SETTINGS}}, indent=1))
     return accuracy, 0.0
+
+
+@contextlib.contextmanager
+def _rewound(loader: Any) -> Iterator[None]:
+    """Afterwards the loader's random streams (its shuffle, mixup's draws) and torch's are where they were before,
+    so ATO sees the same batches whether the dense reference trained in this process or was read from dense.json."""
+    generators = {id(g): g for g in (getattr(loader, "generator", None), loader.__dict__.get("generator"),
+                                     getattr(loader.__dict__.get("loader"), "generator", None))
+                  if isinstance(g, torch.Generator)}
+    states = [(g, g.get_state()) for g in generators.values()]
+    torch_state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for g, state in states:
+            g.set_state(state)
+        torch.set_rng_state(torch_state)
 
 
 def _resumed_seconds(job: TrainJob, out: Path, progress: bool) -> float:
@@ -326,11 +347,12 @@ def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, ato: ATOModel,
     picture = ato.visualize(out / "zigs.svg") if distributed.current().main and job.picture else None
     optimizer, scheduler = job_optimizer(job, model)
     options = {k: v for k, v in asdict(config).items() if k in ATO_OPTIONS}
+    share = controller_share(job, len(train_loader.dataset))
     ato.train(train_loader, job.epochs, target_flops=job.target_flops, val_loader=val_loader, method=job.method,
               optimizer=optimizer, scheduler=scheduler, amp=job.amp, channels_last=job.channels_last,
               projection=job.projection, round_to=job.round_to, device=device, seed=job.seed, **options,
               checkpoint_dir=out / "checkpoints", log_path=out / "log.jsonl", progress=progress,
-              controller_data=controller_share(job, len(train_loader.dataset)),
+              controller_data=share,
               controller_epochs=job.controller_epochs)
     accuracy_trained = evaluate(model, val_loader, device, loss_fn)["accuracy"]
     small = ato.prune()
@@ -339,7 +361,7 @@ def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, ato: ATOModel,
     return small_cpu, {"flops_before": flops_before, "flops_after": count_flops(small_cpu, example),
                        "params_before": params_before, "params_after": count_params(small_cpu),
                        "accuracy_trained": accuracy_trained, "accuracy_pruned": accuracy_pruned,
-                       "picture": picture.name if picture is not None else None}
+                       "picture": picture.name if picture is not None else None, "controller_data": share}
 
 
 def _finished_epochs(folder: Path) -> list[dict[str, Any]]:

@@ -221,3 +221,15 @@ def test_the_last_line_names_the_picture_actually_written(tiny_job, monkeypatch,
     assert "atofx: warning: graphviz's 'dot' program is not installed" in captured.err
     assert cli.main([*argv, "--no-picture", "--out", str(out.parent / "bare")]) == 0
     assert "zigs" not in capsys.readouterr().out and not list((out.parent / "bare").glob("zigs*"))
+
+
+def test_ato_trains_on_the_same_batches_whether_the_dense_reference_ran_in_this_process_or_not(tiny_job, tmp_path):
+    """The dense epochs draw from the training loader's shuffle: ATO must not start where they left it, or a rerun
+    that reads dense.json (or --no-dense-reference) trains another model."""
+    with_dense = train_job.run(tiny_job(epochs=2, out=str(tmp_path / "a")))
+    without = train_job.run(tiny_job(epochs=2, out=str(tmp_path / "b"), dense_reference=False))
+    losses = [[r["train_loss"] for r in log_records(tmp_path / run)] for run in ("a", "b")]
+    assert losses[0] == losses[1]
+    assert with_dense["accuracy_pruned"] == without["accuracy_pruned"]
+    assert with_dense["flops_kept"] == without["flops_kept"]
+    assert with_dense["ato"]["controller_data"] == 0.5  # what digits runs with, not ATOConfig's 0.05
