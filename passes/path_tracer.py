@@ -43,7 +43,6 @@ class _TrainingFlag:
         self.tracer, self.mode, self.module = tracer, mode, module
 
     def __bool__(self) -> bool:
-        self.tracer.flag_reads += 1
         self.tracer.readers.append(self.module)
         return self.mode and not self.tracer.probing_eval
 
@@ -55,12 +54,11 @@ class PathTracer(fx.Tracer):
         """`flip_modes`: trace every module as if in the other mode (what `mode_branches` compares against)."""
         super().__init__()
         self.flip_modes = flip_modes
-        self.readers: list[nn.Module] = []  # whose `training` a Python branch read, but for modules kept as calls
+        self.readers: list[nn.Module] = []  # whose `training` Python branched on, but in modules kept as calls
         self.declared = DeclaredLeaves(leaf_modules)
         self.path_stack: list[str] = [""]
         self.failed_in: str | None = None  # innermost module whose forward raised
         self._param_names: dict[int, str] | None = None
-        self.flag_reads = 0  # times Python branched on a training flag
         self.probing_eval = False
         self._mode_node: fx.Node | None = None
         self._param_cache: dict[str, Any] = {}
@@ -111,13 +109,13 @@ class PathTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         self.path_stack.append(self.path_of_module(m))
-        reads, readers, last = self.flag_reads, len(self.readers), self.graph._root.prev
+        reads, last = len(self.readers), self.graph._root.prev
         try:
             out = super().call_module(m, forward, args, kwargs)
-            if self.flag_reads == reads or not args or kwargs or not self.path_stack[-1]:
+            if len(self.readers) == reads or not args or kwargs or not self.path_stack[-1]:
                 return out
             if out is args[0] or self._eval_identity(m, forward, args):
-                del self.readers[readers:]  # its branch runs as its own forward, in either mode
+                del self.readers[reads:]  # its branch runs as its own forward, in either mode
                 return self._as_call(last, args)
             return out
         except Exception:

@@ -167,7 +167,7 @@ class ShapeTracer(PathTracer):
         return graph
 
     def _run(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-        flag_reads, readers = self.flag_reads, len(self.readers)
+        readers = len(self.readers)
         modes = []
         self._evaluating = True
         try:
@@ -190,8 +190,7 @@ class ShapeTracer(PathTracer):
             self._evaluating = False
             for m, mode in modes:
                 m.training = mode
-            self.flag_reads = flag_reads  # the example run's own reads are not the traced code's
-            del self.readers[readers:]
+            del self.readers[readers:]  # the example run's own reads are not the traced code's
 
 
 def _is_layer_subclass(m: nn.Module) -> bool:
