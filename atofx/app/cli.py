@@ -16,6 +16,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from atofx.app.train_command import SCHEDULE_ADVICE, TRAIN_HELP, add_train
 from atofx.errors import AtofxError, AtofxWarning, ConfigError, ScheduleWarning, ShapeError, TraceError
@@ -158,13 +159,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import json
-
     from atofx.app.plots import draw_run_plots
-    from atofx.app.train_job import summary_table
+    from atofx.core.report import read_run, summary_table
 
-    written = draw_run_plots(args.run_dir)  # checks the folder and names any missing file first
-    print(summary_table(json.loads((args.run_dir / "summary.json").read_text())))
+    run_dir, summary = read_run(args.run_dir)  # names a missing or damaged file, and what to do, before drawing
+    written = draw_run_plots(run_dir)
+    print(summary_table(summary))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
@@ -209,21 +209,56 @@ def _run_export(args: argparse.Namespace) -> int:
     import torch
 
     from atofx.core.export import export_onnx
-    from atofx.core.serialization import load, read_payload
 
-    model = load(args.model_file)
-    if args.input_size is not None:
-        shapes = [[2, *args.input_size]]
-    else:
-        shapes = read_payload(args.model_file).get("example_shapes")
-        if not shapes:
-            raise AtofxError(f"{args.model_file} does not record its input shape: give --input-size CxHxW.")
+    model, saved = _load_for_export(args.model_file)
+    _check_onnx_file(args.onnx_file)
+    shapes = [[2, *args.input_size]] if args.input_size is not None else saved
+    if not shapes:
+        raise AtofxError(f"{args.model_file} does not record its input shape: give --input-size CxHxW.")
     generator = torch.Generator().manual_seed(0)
     example = tuple(torch.randn(max(2, s[0]), *s[1:], generator=generator) for s in shapes)
-    diff = export_onnx(model, args.onnx_file, example)
+    try:
+        diff = export_onnx(model, args.onnx_file, example)
+    except ShapeError as exc:
+        raise _export_misfit(exc, args, saved) from exc
     print(f"wrote {args.onnx_file} (input {'x'.join(map(str, ['N', *shapes[0][1:]]))}; outputs match PyTorch "
           f"within {diff:.1e})")
     return 0
+
+
+def _load_for_export(path: Path) -> tuple[Any, list | None]:
+    """The model in MODEL_FILE and the input shapes it was saved with; a missing file or a folder is an AtofxError
+    (atofx.load raises the OSError itself, for Python callers)."""
+    from atofx.core.serialization import load, read_payload
+
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" ({', '.join(str(path / name) for name in inside)})" if inside else " (like OUT/pruned.pt)"
+        raise AtofxError(f"MODEL_FILE {path} is a folder: give the model file in it{hint}.")
+    if not path.exists():
+        raise AtofxError(f"MODEL_FILE {path} does not exist: give a file written by atofx.save or `atofx train` "
+                         "(like OUT/pruned.pt).")
+    try:
+        return load(path), read_payload(path).get("example_shapes")
+    except OSError as exc:  # unreadable: permissions, a device, ...
+        raise AtofxError(f"MODEL_FILE {path} cannot be read: {exc.strerror or exc}.") from exc
+
+
+def _check_onnx_file(path: Path) -> None:
+    """Refuse a folder as ONNX_FILE (the exporter's own error would be a bare IsADirectoryError)."""
+    if path.is_dir():
+        raise AtofxError(f"ONNX_FILE {path} is a folder: give the file to write, like {path / 'model.onnx'}.")
+
+
+def _export_misfit(exc: ShapeError, args: argparse.Namespace, saved: list | None) -> AtofxError:
+    """The example input does not fit the model: what was given, the model's error, what --input-size looks like."""
+    from atofx.core.export import first_line
+
+    why = (first_line(exc.__cause__) if exc.__cause__ is not None else str(exc)).rstrip(".")
+    given = f"--input-size {'x'.join(map(str, args.input_size))}" if args.input_size else "the saved input shape"
+    fits = f" (the file was saved with {'x'.join(map(str, saved[0][1:]))})" if saved and args.input_size else ""
+    return ShapeError(f"{given} does not fit the model in {args.model_file}: {why}. Give --input-size as one "
+                      f"input's shape without the batch dim, CxHxW for images{fits}.")
 
 
 # ------------------------------------------------------------------------------------------- parser

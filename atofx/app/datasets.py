@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gzip
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -130,16 +131,22 @@ def cifar(name: str, data_dir: str | os.PathLike | None, download: bool = False)
     try:
         train = cls(str(root), train=True, transform=train_tf, download=download)
         val = cls(str(root), train=False, transform=val_tf, download=download)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
         raise DatasetError(
-            f"{name} was not found (or is damaged) in {str(root / folder)!r}: {exc} Unpack the python version "
-            f"of {name} there (https://www.cs.toronto.edu/~kriz/cifar.html) or add --download.") from exc
+            f"{name} was not found (or is damaged) in {str(root / folder)!r}: {_without_python_advice(exc)} Unpack "
+            f"the python version of {name} there (https://www.cs.toronto.edu/~kriz/cifar.html) or add --download.") from exc
     except (OSError, ValueError) as exc:  # no network, refused connection, bad archive
         raise DatasetError(
             f"could not download {name} into {str(root)!r} ({type(exc).__name__}: {exc}). Fetch the python "
             f"version by hand from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there, then run "
             f"again without --download.") from exc
     return ImageData(train, val, classes, 3, 32)
+
+
+def _without_python_advice(exc: Exception) -> str:
+    """torchvision's message without its advice in Python words (`download=True`): the CLI says --download."""
+    text = re.sub(r"\s*You can use download=True to download it\.?", "", str(exc)).strip()
+    return text if text.endswith(".") else text + "."
 
 
 def read_idx(path: Path) -> torch.Tensor:

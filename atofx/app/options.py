@@ -1,6 +1,6 @@
 """The options of `atofx train` (`TrainJob`), their checks, and the recipes that set them.
 
-Imports no torch: the command line builds its parser (`atofx train --help`) and refuses bad options from here.
+Imports no torch at import time: the command line builds its parser (`atofx train --help`) and refuses bad options from here.
 Defaults that are ATO's options come from `ATOConfig`, where each is defined once.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -137,9 +138,42 @@ def validate_job(job: TrainJob) -> None:
             raise ConfigError(f"{flag(name)} must be a whole number >= {low}, got {value!r}.")
     if not job.lr > 0:
         raise ConfigError(f"--lr must be a positive learning rate, got {job.lr!r}.")
+    if not isinstance(job.seed, int) or isinstance(job.seed, bool) or not 0 <= job.seed < 2**32:
+        raise ConfigError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {job.seed!r}.")
+    check_device(job.device)
     if job.controller_data is not None and not 0.0 < job.controller_data <= 1.0:
         raise ConfigError(f"{flag('controller_data')} is a share of the training set, in (0, 1], got "
                           f"{job.controller_data!r}.")
+
+
+DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    """Refuse a --device torch does not know or this machine lacks, in flags (torch's and `resolve_device`'s
+    messages name Python arguments)."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device must be cpu, cuda, cuda:N (a GPU's number) or auto, got {device!r}.")
+    if not device.startswith("cuda"):
+        return
+    import torch  # here, not at import: the parser and --help load no torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu or "
+                          "--device auto.")
+    count = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
+
+
+def check_round_to(round_to: int, widths: list[int]) -> None:
+    """Refuse a --round-to no prunable channel space is wider than: `rounded_count` leaves a space no wider than
+    round_to as it is, so the run would ignore it without a word. `widths`: the model's prunable spaces' widths."""
+    widest = max(widths, default=0)
+    if round_to > 1 and round_to >= widest:
+        raise ConfigError(f"--round-to {round_to} has no effect on this model: its widest prunable channel space has "
+                          f"{widest} channels, and only a space wider than N is rounded to a multiple of N. Give a "
+                          f"smaller --round-to (8 or 16 suit most CPUs and GPUs), or leave it out.")
 
 
 def job_settings(job: TrainJob) -> dict[str, Any]:
@@ -202,14 +236,31 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise AtofxError(f"recipe file {str(path)!r}: unknown key(s) {', '.join(map(_with_suggestion, unknown))}; "
                          f"known: {', '.join(known)}.")
-    defaults = TrainJob()
-    for key, value in data.items():
-        expected = type(getattr(defaults, key))
-        if value is None or getattr(defaults, key) is None or isinstance(value, expected) \
-                or (expected is float and isinstance(value, int) and not isinstance(value, bool)):
-            continue
-        raise AtofxError(f"recipe file {str(path)!r}: {key} must be a {expected.__name__}, got {value!r}.")
-    return data
+    return {key: _recipe_value(path, key, value) for key, value in data.items()}
+
+
+# a TrainJob field's type (its annotation without "| None") -> what a recipe value of it must be, in words
+TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _recipe_value(path: Path, key: str, value: Any) -> Any:
+    """A recipe's value for field `key`, checked against the field's type; a whole float (epochs: 6.0) is taken for
+    an int field, and an int for a float field."""
+    annotation = next(f.type for f in fields(TrainJob) if f.name == key)
+    expected = annotation.split(" | ")[0]
+    if expected not in TYPE_WORDS or (value is None and annotation.endswith("| None")):
+        return value
+    if value is None:
+        raise AtofxError(f"recipe file {str(path)!r}: {key} must be {TYPE_WORDS[expected]}, got nothing (leave the "
+                         "key out for its default).")
+    if expected == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    python_type = {"int": int, "float": float, "bool": bool, "str": str}[expected]
+    if isinstance(value, python_type) and (expected == "bool" or not isinstance(value, bool)):
+        return value
+    raise AtofxError(f"recipe file {str(path)!r}: {key} must be {TYPE_WORDS[expected]}, got {value!r}.")
 
 
 def paper_figures(path: Path) -> dict[str, str]:

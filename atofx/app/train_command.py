@@ -70,7 +70,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("bf16", "fp16"),
                    help="mixed precision: bf16 autocast, or fp16 with a grad scaler (for GPUs; default: off)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on recent GPUs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="print only warnings, errors and the final table (no progress bars, "
+                   "per-epoch lines or resume notes)")
     _add_recipe_flags(p)
     _add_ato_flags(p, c)
     p.add_argument("--no-picture", action="store_true", help="do not draw OUT/zigs.svg")
@@ -133,16 +134,15 @@ def train_job_from_args(args: argparse.Namespace) -> TrainJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from atofx.app.train_job import run, summary_table
+    from atofx.app.train_job import run
     from atofx.ato import distributed
+    from atofx.core.report import summary_table
 
     job = train_job_from_args(args)
     try:
         summary = run(job)
     except KeyboardInterrupt:
-        print(f"atofx: interrupted. Rerun the same command to resume from the last finished epoch (checkpoints in "
-              f"{Path(job.out) / 'checkpoints'}; a finished dense reference is kept in {Path(job.out) / 'dense.json'}).",
-              file=sys.stderr)
+        print(interrupted_message(job), file=sys.stderr)
         return 130
     finally:
         distributed.stop()
@@ -152,3 +152,15 @@ def run_train(args: argparse.Namespace) -> int:
                  "accuracy_flops.png", "widths.png"]
         print(f"wrote {Path(job.out) / 'pruned.pt'} (load it with atofx.load), {', '.join(files)}")
     return 0
+
+
+def interrupted_message(job: TrainJob) -> str:
+    """What Ctrl-C leaves for a rerun: the checkpoints, and the dense reference only once OUT/dense.json holds this
+    job's (an interrupt during the dense epochs has none to keep)."""
+    from atofx.app.run_folder import dense_reference
+
+    out = Path(job.out)
+    kept = job.dense_reference and dense_reference(job, out, progress=False) is not None
+    dense = f"; the finished dense reference is kept in {out / 'dense.json'}" if kept else ""
+    return (f"atofx: interrupted. Rerun the same command to resume from the last finished epoch (checkpoints in "
+            f"{out / 'checkpoints'}{dense}).")

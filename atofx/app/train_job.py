@@ -30,13 +30,13 @@ from atofx.app.options import (
     DENSE_SETTINGS,
     TrainJob,
     ato_config,
+    check_round_to,
     check_training,
     controller_share,
-    flag,
-    job_settings,
     validate_job,
 )
 from atofx.app.plots import draw_run_plots
+from atofx.app.run_folder import check_same_run, dense_reference, job_fingerprint, prepare_out
 from atofx.ato import distributed
 from atofx.ato.config import ATOConfig
 from atofx.ato.loop import evaluate
@@ -44,10 +44,10 @@ from atofx.ato.model import ATOModel, resolve_device
 from atofx.ato.model import compile as compile_model
 from atofx.ato.plain_training import train_plain
 from atofx.core.counting import count_flops, count_params
-from atofx.core.files import atomic_write_text, make_folder
-from atofx.core.report import format_table
+from atofx.core.files import atomic_write_text
+from atofx.core.report import summary_table as summary_table  # re-exported: `atofx train` prints it
 from atofx.core.serialization import save
-from atofx.errors import AtofxError, ConfigError, ShapeError, TraceError
+from atofx.errors import AtofxError, ShapeError, TraceError
 
 
 def rank_batch_size(global_batch: int, world: int) -> int:
@@ -108,40 +108,6 @@ class SoftTargetLoader:
             x = w * x + (1.0 - w) * x[perm]
             target = w * target + (1.0 - w) * target[perm]
         return x, target
-
-
-def check_same_run(job: TrainJob, out: Path) -> None:
-    """Refuse, before any training, to resume OUT/checkpoints written with other settings; say how to go on."""
-    record, ckpt_dir = out / "job.json", out / "checkpoints"
-    if not record.exists() or not any(ckpt_dir.glob("checkpoint*.pt")):
-        return
-    try:
-        old = json.loads(record.read_text())
-    except ValueError:
-        return  # a damaged record: the checkpoint's own fingerprint still guards the resume
-    new = job_settings(job)
-    diff = [k for k in new if k in old and old[k] != new[k]]
-    if diff:
-        def shown(value: Any) -> str:  # as typed on the command line; a setting left to its default is "unset"
-            return "unset" if value is None else str(value)
-
-        changes = ", ".join(f"{flag(k)} {shown(old[k])} -> {shown(new[k])}" for k in diff)
-        raise ConfigError(
-            f"{out} holds an unfinished or finished run with other settings ({changes}). Give another --out for "
-            f"the new run, or delete {ckpt_dir} to train afresh in {out}.")
-
-
-def _dense_reference(job: TrainJob, out: Path) -> dict[str, Any] | None:
-    """OUT/dense.json if it was written with the same dense settings, else None (it is then trained again)."""
-    path = out / "dense.json"
-    if not path.exists():
-        return None
-    try:
-        stored = json.loads(path.read_text())
-    except ValueError:
-        return None
-    want = {k: getattr(job, k) for k in DENSE_SETTINGS}
-    return stored if stored.get("settings") == want and "accuracy_dense" in stored else None
 
 
 def uses_cifar_model(job: TrainJob) -> bool:
@@ -234,11 +200,10 @@ def run(job: TrainJob) -> dict[str, Any]:
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
     ato = _analysed(job, model, example)
-    if ranks.main:  # written once the data and the model are known to work: a refused run leaves no folder
-        make_folder(out, "give another --out")
-        atomic_write_text(out / "job.json", json.dumps(job_settings(job), indent=1))
+    check_round_to(job.round_to, [s.width for s in ato.zigs.prunable])
+    saved = prepare_out(job, out, job_fingerprint(job, config, ato, train_loader))
     accuracy_dense, earlier_seconds = _dense_accuracy(job, out, dense_model, train_loader, val_loader, device, progress)
-    earlier_seconds += _resumed_seconds(job, out, progress)
+    earlier_seconds += _resumed_seconds(job, out, saved, progress)
     small, measured = _train_and_prune(job, config, out, ato, example, (train_loader, val_loader), device, progress)
     summary = {
         "model": job.model,
@@ -262,9 +227,9 @@ def run(job: TrainJob) -> dict[str, Any]:
     }
     if ranks.main:
         save(small, out / "pruned.pt", example)
-        (out / "widths.json").write_text(json.dumps({"model": job.model, "layers": layer_widths(dense_model, small)},
-                                                    indent=1))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "widths.json", json.dumps({"model": job.model,
+                                                           "layers": layer_widths(dense_model, small)}, indent=1))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         draw_run_plots(out)
     distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has written
     return summary
@@ -290,7 +255,7 @@ def _dense_accuracy(job: TrainJob, out: Path, dense_model: nn.Module, train_load
     OUT/dense.json when it holds this job's dense settings, else the model trained now and recorded there."""
     if not job.dense_reference:
         return None, 0.0
-    stored = _dense_reference(job, out)
+    stored = dense_reference(job, out, progress)
     if stored is not None:
         return stored["accuracy_dense"], stored.get("seconds", 0.0)
     started = time.perf_counter()
@@ -323,14 +288,15 @@ def _rewound(loader: Any) -> Iterator[None]:
         torch.set_rng_state(torch_state)
 
 
-def _resumed_seconds(job: TrainJob, out: Path, progress: bool) -> float:
+def _resumed_seconds(job: TrainJob, out: Path, saved: dict[str, Any] | None, progress: bool) -> float:
     """The seconds of the epochs a rerun resumes (0 on a fresh run), saying where it resumes."""
-    done = _finished_epochs(out / "checkpoints")
+    done = list(saved.get("history", [])) if saved else []
     if not done:
         return 0.0
+    where = "epoch 1 is" if len(done) == 1 else f"epochs 1-{len(done)} are"
     if progress and len(done) < job.epochs:
-        print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} (epochs 1-{len(done)} are "
-              f"checkpointed in {out / 'checkpoints'})", flush=True)
+        print(f"atofx: resuming from epoch {len(done) + 1} of {job.epochs} ({where} checkpointed in "
+              f"{out / 'checkpoints'})", flush=True)
     elif progress:
         print(f"atofx: all {job.epochs} epochs are checkpointed in {out / 'checkpoints'}; pruning and writing "
               "the results again", flush=True)
@@ -362,35 +328,3 @@ def _train_and_prune(job: TrainJob, config: ATOConfig, out: Path, ato: ATOModel,
                        "params_before": params_before, "params_after": count_params(small_cpu),
                        "accuracy_trained": accuracy_trained, "accuracy_pruned": accuracy_pruned,
                        "picture": picture.name if picture is not None else None, "controller_data": share}
-
-
-def _finished_epochs(folder: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of the checkpoint a rerun resumes from ([] without one)."""
-    from atofx.ato.checkpoint import read_latest
-
-    try:
-        saved, _ = read_latest(folder)
-    except AtofxError:
-        return []  # fit names the problem with the checkpoint itself
-    return list(saved.get("history", [])) if saved else []
-
-
-def summary_table(s: dict[str, Any]) -> str:
-    def acc(v: float | None) -> str:
-        return "-" if v is None else f"{v:.2f}%"
-
-    def ops(flops: float) -> list[str]:  # FLOPs = 2 x MACs; Torch-Pruning and many papers report MACs
-        return [f"{flops / 1e6:.2f}", f"{flops / 2e6:.2f}"]
-
-    rows = [
-        ["dense", acc(s["accuracy_dense"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}", "1.000"],
-        ["ATO trained", acc(s["accuracy_trained"]), *ops(s["flops_before"]), f"{s['params_before'] / 1e3:.1f}",
-         "1.000"],
-        ["ATO pruned", acc(s["accuracy_pruned"]), *ops(s["flops_after"]), f"{s['params_after'] / 1e3:.1f}",
-         f"{s['flops_kept']:.3f}"],
-    ]
-    table = format_table(["model", "accuracy", "MFLOPs", "MMACs", "kparams", "FLOPs kept"], rows)
-    now = s.get("seconds_this_invocation", s["seconds"])
-    took = f"{s['seconds']:.0f} s" + (f" in all, {now:.0f} s this time" if s["seconds"] - now >= 1 else "")
-    return (f"{s['model']} on {s['dataset']}, {s['epochs']} epochs, target {s['target_flops']:.2f} of FLOPs kept "
-            f"({took})\n{table}")

@@ -78,9 +78,10 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
     model = model if model is not None else trainer.model
     model.train()
     precision = precision or StepPrecision()
-    live_postfix = progress and device.type == "cpu"
     loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
+    # disable=None: a bar on a terminal only; into a file or a pipe its updates would bury the epoch lines
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True)
+    live_postfix = not bar.disable and device.type == "cpu"
     for step, batch in enumerate(bar):
         inputs, targets = split_batch(to_device(batch, device))
         inputs = precision.prepare_inputs(inputs)
@@ -219,14 +220,18 @@ class _Run:
         self.scaler: torch.amp.GradScaler | None = None
 
     def resume(self) -> None:
-        """Load the newest good checkpoint of this run, if any: weights, optimiser, mask, random streams, log."""
-        if self.checkpoint_dir is None:
-            return
-        saved, note = ckpt.read_latest(self.checkpoint_dir)
+        """Load the newest good checkpoint of this run, if any: weights, optimiser, mask, random streams; the log
+        then holds the epochs resumed, none on a fresh start (not an earlier run's lines, appended to)."""
+        saved, note = ckpt.read_latest(self.checkpoint_dir) if self.checkpoint_dir is not None else (None, None)
         if note:
             tqdm.write(f"atofx: {note}")
-        if saved is None:
-            return
+        if saved is not None:
+            self._load(saved)
+        if self.log_path is not None and distributed.current().main:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.trainer.state.history))
+
+    def _load(self, saved: dict[str, Any]) -> None:
         ckpt.check_compatible(saved, self.fingerprint, self.checkpoint_dir)
         self.trainer.load_state_dict(saved, self.optimizer, self.scheduler)
         if self.scaler is not None and saved.get("grad_scaler"):
@@ -235,8 +240,6 @@ class _Run:
         if len(loader_rng) == len(self.generators):
             for g, state in zip(self.generators, loader_rng, strict=True):
                 g.set_state(state)
-        if self.log_path is not None and distributed.current().main:
-            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.trainer.state.history))
 
     def check_finite(self, train_loss: float, epoch: int) -> None:
         """Stop a run whose loss diverged, naming the last good checkpoint."""

@@ -21,12 +21,16 @@ def default_optimizer(model: nn.Module, epochs: int, lr: float = 0.1) -> tuple[t
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                 loss_fn: Callable[[Any, Tensor], Tensor], device: torch.device,
-                after_step: Callable[[], None] | None = None, before_step: Callable[[], None] | None = None) -> float:
+                after_step: Callable[[], None] | None = None, before_step: Callable[[], None] | None = None,
+                progress: bool = False, desc: str = "") -> float:
     """One epoch of plain training; returns the mean loss. `before_step` runs between backward and the optimiser
-    step (a regulariser that edits gradients), `after_step` after the step (a projection)."""
+    step (a regulariser that edits gradients), `after_step` after the step (a projection). With `progress`, a bar
+    over the batches (on a terminal only), with the running loss on the CPU, where reading it costs no wait."""
     model.train()
     total, seen = torch.zeros((), device=device), 0
-    for batch in loader:
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True)  # None: a terminal's only
+    live_postfix = not bar.disable and device.type == "cpu"
+    for step, batch in enumerate(bar):
         inputs, targets = split_batch(to_device(batch, device))
         loss = loss_fn(model(*inputs), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -38,6 +42,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
             after_step()
         total += loss.detach() * len(targets)
         seen += len(targets)
+        if live_postfix and step % 20 == 0:
+            bar.set_postfix(loss=f"{float(total) / seen:.3f}")
     return float(total) / max(seen, 1)
 
 
@@ -47,15 +53,18 @@ def train_plain(model: nn.Module, loader: Iterable, epochs: int, device: torch.d
                 make_optimizer: Callable[[nn.Module], tuple[torch.optim.Optimizer, Any]] | None = None,
                 before_step: Callable[[], None] | None = None) -> nn.Module:
     """Train `model` for `epochs` with the default recipe (or `make_optimizer(model)`'s optimiser and schedule),
-    seeded like an ATO run (data-parallel under torchrun); `before_step` as in `train_epoch`."""
+    seeded like an ATO run (data-parallel under torchrun); `before_step` as in `train_epoch`. With `progress`, each
+    epoch shows a bar over its batches, as ATO's epochs do (rank 0 only)."""
     torch.manual_seed(seed)
     model.to(device)
     distributed.require_sharded(loader, "training")
     opt, sched = make_optimizer(model) if make_optimizer is not None else default_optimizer(model, epochs, lr)
     stepping = distributed.wrap(model, device)
-    for epoch in tqdm(range(epochs), desc="dense reference", disable=not progress, leave=False):
+    progress = progress and distributed.current().main
+    for epoch in range(epochs):
         distributed.set_epoch(loader, epoch)
-        train_epoch(stepping, loader, opt, loss_fn, device, before_step=before_step)
+        train_epoch(stepping, loader, opt, loss_fn, device, before_step=before_step, progress=progress,
+                    desc=f"dense reference, epoch {epoch + 1}/{epochs}")
         distributed.share_buffers(model)
         sched.step()
     return model

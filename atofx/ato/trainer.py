@@ -17,8 +17,6 @@ masked activations) with the model's parameters frozen; only the controller lear
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -362,10 +360,8 @@ class ATOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def fingerprint(self, n_batches: int) -> dict[str, Any]:
-        shapes = [[k, list(v.shape)] for k, v in self.ato.model.state_dict().items()]
-        digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]  # hash() differs per process
-        return {"model": digest, "config": json.dumps(asdict(self.config), sort_keys=True),
-                "epochs": self.phases.epochs, "batches_per_epoch": n_batches, "ranks": distributed.current().world}
+        return ckpt.fingerprint(self.ato.model, asdict(self.config), self.phases.epochs, n_batches,
+                                distributed.current().world)
 
     def state_dict(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,17 @@ from torch import nn
 
 from atofx.core.files import require_folder_of
 from atofx.core.nested import as_tuple, on_device_of
-from atofx.errors import AtofxError
+from atofx.errors import AtofxError, ShapeError
 
 ONNX_PACKAGES = "pip install onnx onnxscript (or pip install -e '.[onnx]' in a clone)"
 TOLERANCE = 1e-4  # relative max-abs difference allowed between ONNX and PyTorch outputs
+ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # the exporter colours its messages for a terminal
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message without terminal colour codes (its type's name if empty)."""
+    text = ANSI_CODES.sub("", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _require_onnx() -> Any:
@@ -54,6 +62,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Any, check: 
 def _export_checked(onnx: Any, model: nn.Module, path: Path, example_inputs: Any, check: bool) -> float | None:
     inputs = on_device_of(model, as_tuple(example_inputs))
     names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    _check_runs(model, inputs)  # before the exporter, whose failure would only say that tracing failed
     batch = torch.export.Dim("batch")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -61,8 +70,7 @@ def _export_checked(onnx: Any, model: nn.Module, path: Path, example_inputs: Any
             torch.onnx.export(model, inputs, str(path), dynamo=True, input_names=names, output_names=["output"],
                               dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False)
     except Exception as exc:  # the exporter fails in many ways; its first line says which op
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AtofxError(f"torch.onnx.export failed: {first[:300]}") from exc
+        raise AtofxError(f"torch.onnx.export failed: {first_line(exc)[:300]}") from exc
     if not check:
         return None
     from onnx.reference import ReferenceEvaluator
@@ -79,3 +87,15 @@ def _export_checked(onnx: Any, model: nn.Module, path: Path, example_inputs: Any
         raise AtofxError(f"the ONNX file {path} differs from the PyTorch model by {diff:.1e} (relative max-abs); "
                          "please report it with the model.")
     return diff
+
+
+def _check_runs(model: nn.Module, inputs: tuple) -> None:
+    """Run the model once on the example inputs: a misfit (say 3 channels for a 1-channel model) is a ShapeError
+    naming the shapes and the model's own error, not a failure deep inside torch.export."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # conv/linear shape errors are RuntimeErrors; a model's own checks raise anything
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        raise ShapeError(f"the example input of shape {shapes} does not fit the model: {first_line(exc)[:300]}") \
+            from exc

@@ -17,9 +17,14 @@ _CODE_OPCODES = {op[0] for op in (pickle.GLOBAL, pickle.STACK_GLOBAL, pickle.INS
 _CODE_MESSAGE = re.compile(r"global|reduce|can only create new object|can only build|persistent", re.IGNORECASE)
 
 
+_TORCH_ADVICE = ("Weights only load failed", "Check the documentation of torch.load")  # torch's words, not the reason
+
+
 def _reader_text(exc: BaseException) -> str:
-    """What torch's weights-only reader itself said, without the advice torch puts before it."""
-    return str(exc).split("WeightsUnpickler error:")[-1]
+    """What torch's weights-only reader itself said, without the advice torch puts around it (before the reader's
+    "WeightsUnpickler error:", or in paragraphs of its own around a blocked module's, as torch 2.14 words it)."""
+    text = str(exc).split("WeightsUnpickler error:")[-1]
+    return "\n".join(line for line in text.splitlines() if not line.strip().startswith(_TORCH_ADVICE))
 
 
 def carries_code(exc: pickle.UnpicklingError) -> bool:

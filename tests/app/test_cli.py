@@ -294,3 +294,13 @@ def test_a_short_schedule_warning_gives_the_command_lines_advice(tmp_path, capsy
     warning = next(line for line in err.splitlines() if line.startswith("atofx: warning:"))
     assert "--epochs" in warning and "--controller-data" in warning and "--method static" in warning
     assert "method='static'" not in warning and "controller_data=" not in warning
+
+
+def test_a_bad_device_or_seed_is_a_one_line_error_naming_the_flag(tmp_path, capsys):
+    """Were torch's RuntimeError (device string: tpu) and scikit-learn's InvalidParameterError (random_state)."""
+    for argv, start in ((["--device", "tpu"], "--device must be cpu, cuda, cuda:N"),
+                        (["--seed", "-1"], "--seed must be a whole number from 0 to 4294967295")):
+        assert cli.main(["train", *argv, "--out", str(tmp_path / "o"), "--quiet"]) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"atofx: error: {start}") and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,48 @@ def test_report_names_missing_files(tmp_path, capsys):
     assert "does not exist; give the --out folder" in capsys.readouterr().err
 
 
+def _set(path: Path, key: str, value: object) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | {key: value}))
+
+
+DAMAGES = {  # file -> what is written there, and the complaint
+    "summary-empty": ("summary.json", lambda p: p.write_text(""), "not JSON"),
+    "summary-truncated": ("summary.json", lambda p: p.write_text(p.read_text()[:100]), "not JSON"),
+    "summary-{}": ("summary.json", lambda p: p.write_text("{}"), "no 'model'"),
+    "summary-[]": ("summary.json", lambda p: p.write_text("[]"), "a JSON list where an object belongs"),
+    "summary-flops_kept": ("summary.json", lambda p: _set(p, "flops_kept", "x"), "'flops_kept' is \"x\", not a number"),
+    "summary-binary": ("summary.json", lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "not"),
+    "widths-truncated": ("widths.json", lambda p: p.write_text(p.read_text()[:30]), "not JSON"),
+    "widths-{}": ("widths.json", lambda p: p.write_text("{}"), "no list of layers"),
+    "log-no-keys": ("log.jsonl", lambda p: p.write_text('{"epoch": 1}\n'), "line 1: no 'train_accuracy'"),
+    "log-list": ("log.jsonl", lambda p: p.write_text("[1,2]\n"), "line 1: a JSON list"),
+    "log-half-line": ("log.jsonl", lambda p: p.write_text(p.read_text() + '{"epoch": 2, "tr'), "line 2 is not JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_report_names_a_damaged_file_and_what_to_do(trained, tmp_path, capsys, damage):
+    out = tmp_path / "rp"
+    shutil.copytree(trained[0], out)
+    name, write, complaint = DAMAGES[damage]
+    write(out / name)
+    assert cli.main(["report", str(out)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"atofx: error: {out / name} is damaged (") and err.count("\n") == 1, err
+    assert complaint in err and "rerun the same `atofx train` command to rewrite it" in err
+
+
+def test_report_takes_a_runs_summary_file_and_refuses_other_paths_clearly(trained, tmp_path, capsys):
+    out = trained[0]
+    assert cli.main(["report", str(out / "summary.json")]) == 0  # the run's folder meant
+    assert capsys.readouterr().out.startswith("resnet20 on folder")
+    assert cli.main(["report", str(out / "widths.json")]) == cli.EXIT_ERROR
+    assert "widths.json is a file: give the run folder" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == cli.EXIT_ERROR  # an empty folder is no unfinished run
+    err = capsys.readouterr().err
+    assert "holds no `atofx train` run; give the --out folder of one" in err and "rerun" not in err
+
+
 def test_config_file_with_an_override(images, tmp_path, capsys):
     recipe = tmp_path / "tiny.yaml"
     out = tmp_path / "out"
@@ -111,7 +154,7 @@ def test_flags_given_override_the_file_even_at_their_default(tmp_path):
         ("target_flop: 0.5\n", r"unknown key\(s\) target_flop \(did you mean target_flops\?\)"),
         ("no_dense_reference: true\n", r"no_dense_reference \(the flag --no-dense-reference; as a key: "
                                        r"dense_reference: false\)"),
-        ("epochs: three\n", r"epochs must be a int, got 'three'"),
+        ("epochs: three\n", r"epochs must be a (int|whole number), got 'three'"),  # options.py's wording, old or new
         ("- epochs\n", r"must be a mapping"),
         ("epochs: [\n", r"cannot be read"),
     ],

@@ -201,7 +201,7 @@ def test_an_interrupted_run_keeps_its_dense_stage_and_says_where_it_resumes(tiny
     capsys.readouterr()
     summary = train_job.run(job)
     assert calls == [3], "the finished dense stage was trained again"
-    assert "resuming from epoch 2 of 3" in capsys.readouterr().out
+    assert "resuming from epoch 2 of 3 (epoch 1 is checkpointed in" in capsys.readouterr().out  # not "epochs 1-1"
     first = log_records(Path(job.out))[0]["seconds"]
     assert summary["seconds"] >= summary["seconds_this_invocation"] + first
     assert "in all" in summary_table(summary | {"seconds": summary["seconds_this_invocation"] + 5})
@@ -233,3 +233,113 @@ def test_ato_trains_on_the_same_batches_whether_the_dense_reference_ran_in_this_
     assert with_dense["accuracy_pruned"] == without["accuracy_pruned"]
     assert with_dense["flops_kept"] == without["flops_kept"]
     assert with_dense["ato"]["controller_data"] == 0.5  # what digits runs with, not ATOConfig's 0.05
+
+
+def interrupt_in_epoch(monkeypatch, at: int) -> None:
+    """Ctrl-C at the end of ATO's epoch index `at` (its checkpoint is not written)."""
+    real_end_epoch = ATOTrainer.end_epoch
+
+    def end_epoch(self, epoch):
+        if epoch == at:
+            raise KeyboardInterrupt
+        return real_end_epoch(self, epoch)
+
+    monkeypatch.setattr(ATOTrainer, "end_epoch", end_epoch)
+
+
+def test_a_run_that_starts_afresh_removes_the_results_of_the_run_before(tiny_job, monkeypatch, capsys):
+    """Deleting OUT/checkpoints starts afresh (as the refusal of a changed rerun says): until the new run ends, no
+    summary.json or pruned.pt of the old run may pass for its results, in `atofx report` or anywhere."""
+    from atofx.app import cli
+
+    counting_dense(monkeypatch)
+    out = Path(tiny_job().out)
+    train_job.run(tiny_job(epochs=2))
+    results = {"summary.json", "pruned.pt", "widths.json", "accuracy_flops.png", "widths.png"}
+    assert results <= {p.name for p in out.iterdir()} and list(out.glob("zigs.*"))
+    for f in (out / "checkpoints").iterdir():
+        f.unlink()
+    interrupt_in_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train_job.run(tiny_job(epochs=3, picture=False))  # no zigs.svg of its own
+    left = {p.name for p in out.iterdir()}
+    assert not results & left and not list(out.glob("zigs.*")), left
+    assert {"dense.json", "job.json", "checkpoints", "log.jsonl"} <= left  # the new run's, kept to resume
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == cli.EXIT_ERROR
+    assert "lacks summary.json, widths.json: not a finished `atofx train` run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["[1]", "{trunc", "", "high", "null"])
+def test_a_damaged_dense_json_is_trained_again(tiny_job, monkeypatch, capsys, damage):
+    calls = counting_dense(monkeypatch)
+    job = tiny_job(epochs=1)
+    train_job.run(job)
+    path = Path(job.out) / "dense.json"
+    if damage in ("high", "null"):  # the right settings, the wrong type
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"accuracy_dense": json.loads(f'"{damage}"')
+                                                                    if damage == "high" else None}))
+    else:
+        path.write_text(damage)
+    capsys.readouterr()
+    summary = train_job.run(tiny_job(epochs=1, progress=True))
+    assert calls == [1, 1]
+    assert isinstance(summary["accuracy_dense"], float) and "dense" in summary_table(summary)
+    assert f"atofx: {path} is damaged; training the dense reference again" in capsys.readouterr().out
+    assert json.loads(path.read_text())["accuracy_dense"] == summary["accuracy_dense"]  # whole again
+
+
+@pytest.mark.parametrize("record", [None, "{", "[1]"])
+def test_a_changed_rerun_without_job_json_is_refused_before_anything_is_written(tiny_job, monkeypatch, record):
+    """Without OUT/job.json, the checkpoint's own record of its run decides, before the dense reference trains and
+    before dense.json, job.json or the checkpoints change; in flags."""
+    calls = counting_dense(monkeypatch)
+    job = tiny_job(epochs=2)
+    out = Path(job.out)
+    train_job.run(job)
+    (out / "job.json").unlink()
+    if record is not None:
+        (out / "job.json").write_text(record)
+    before = {p: p.read_bytes() for p in [*out.iterdir(), *(out / "checkpoints").iterdir()] if p.is_file()}
+    for changed, said in (({"epochs": 3}, "--epochs 2 -> 3"), ({"target_flops": 0.7}, "--target-flops 0.5 -> 0.7"),
+                          ({"batch_size": 128}, "--batch-size")):
+        with pytest.raises(atofx.ConfigError) as err:
+            train_job.run(tiny_job(**{"epochs": 2, **changed}))
+        message = str(err.value)
+        assert said in message and "another --out" in message and f"delete {out / 'checkpoints'}" in message
+        assert "checkpoint_dir" not in message and "job.json" in message
+    assert calls == [2], "the dense reference trained before the refusal"
+    assert before == {p: p.read_bytes() for p in before}, "a file changed before the refusal"
+    monkeypatch.setattr(ATOTrainer, "after_optimizer_step", lambda *a: pytest.fail("trained again"))
+    train_job.run(job)  # the same settings still resume the finished run, and write job.json again
+    assert calls == [2] and json.loads((out / "job.json").read_text())["epochs"] == 2
+
+
+def test_ctrl_c_names_the_dense_reference_only_once_it_is_kept(tiny_job, monkeypatch, capsys):
+    from atofx.app import cli
+
+    out = Path(tiny_job().out)
+    argv = ["train", "--model", "atofx_tiny_models:tiny", "--epochs", "2", "--batch-size", "256", "--quiet",
+            "--no-picture", "--out", str(out)]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_job, "train_plain", interrupted)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Rerun the same command" in err and "dense.json" not in err and not (out / "dense.json").exists()
+    counting_dense(monkeypatch)
+    interrupt_in_epoch(monkeypatch, 1)
+    assert cli.main(argv) == 130
+    assert f"the finished dense reference is kept in {out / 'dense.json'})" in capsys.readouterr().err
+
+
+def test_a_round_to_wider_than_every_prunable_space_is_refused_before_anything_is_written(tiny_job, monkeypatch):
+    calls = counting_dense(monkeypatch)
+    job = tiny_job(epochs=2, round_to=8)  # the tiny model's one prunable space has 8 channels
+    with pytest.raises(atofx.ConfigError, match=r"--round-to 8 has no effect on this model: .* 8 channels"):
+        train_job.run(job)
+    assert calls == [] and not Path(job.out).exists()
+    train_job.run(tiny_job(epochs=2, round_to=4))
+    assert calls == [2]

@@ -7,6 +7,8 @@ device='cuda' through train(), a checkpoint of another run with the same model c
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from atofx.app import cli
 from atofx.app.cifar_models import CifarResNet
 from atofx.ato import checkpoint as ckpt
 from atofx.ato import loop as loop_module
+from atofx.ato.plain_training import train_plain
 from atofx.errors import ConfigError, DataError, NoPrunableSpaceError, ShapeError, TraceError
 
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)
@@ -106,11 +109,12 @@ def test_cuda_without_a_gpu_is_a_config_error(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"no CUDA GPU is available; use device='cpu' or 'auto'"):
         fresh().start_training(2, 0.5, device="cuda")
-    # the command line says it in one line, exit status 2, before loading data or training
+    # the command line says it in one line and in flags, exit status 2, before loading data or training
     status = cli.main(["train", "--device", "cuda", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert status == cli.EXIT_ERROR
-    assert err.startswith("atofx: error: device 'cuda'") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err == ("atofx: error: --device cuda was asked for but no CUDA GPU is available; use --device cpu or "
+                   "--device auto.\n")
 
 
 # ---------------------------------------------------------------------- loaders
@@ -358,3 +362,36 @@ def test_dict_inputs_and_tuple_outputs_train_and_prune() -> None:
                                 loss_fn=lambda out, y: nn.functional.cross_entropy(out[0], y), **QUIET)
     assert 0.0 <= history[-1]["train_accuracy"] <= 100.0
     tuple_model.prune()
+
+
+# ---------------------------------------------------------------------- progress bars (loop.py, plain_training.py)
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so tqdm draws its bars into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.filterwarnings("ignore::atofx.errors.ScheduleWarning")
+@pytest.mark.parametrize("tty", [False, True], ids=["file or pipe", "terminal"])
+def test_training_draws_bars_on_a_terminal_only_and_always_prints_the_epoch_lines(monkeypatch, capsys, tty) -> None:
+    """Into a file, tqdm's carriage-return updates would bury the epoch lines (5.5 KB for 6 digits epochs)."""
+    err = Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    fresh().train(loader(images(), labels()), 1, target_flops=0.5, progress=True)
+    assert ("epoch 1/1" in err.getvalue()) == tty
+    assert "epoch   1  loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["file or pipe", "terminal"])
+def test_the_dense_reference_shows_its_batches_within_each_epoch(monkeypatch, tty) -> None:
+    """One bar per epoch over its batches, with the loss: a long dense epoch is not a frozen bar."""
+    err = Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    train_plain(CifarResNet(8, 10, 1, 1), loader(images(), labels(), batch_size=4), 2, torch.device("cpu"),
+                progress=True)
+    shown = err.getvalue()
+    assert ("dense reference, epoch 2/2" in shown and "0/4 [" in shown and "loss=" in shown) == tty
+    assert tty or shown == ""

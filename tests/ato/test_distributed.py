@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,15 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_result(runs):
     small, ref_small = (atofx.load(runs[k] / "pruned.pt") for k in ("resumed", "uninterrupted"))
     state, ref_state = small.state_dict(), ref_small.state_dict()
     assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+
+
+def test_a_two_rank_checkpoint_resumed_as_one_process_says_to_rerun_it_under_torchrun(runs, folder, tmp_path):
+    out = tmp_path / "one"
+    shutil.copytree(runs["uninterrupted"], out)  # its job.json says the same flags: only the processes differ
+    job = torchrun(folder, out)
+    one = [sys.executable, "-m", *job[job.index("atofx"):]]  # the same job without torchrun
+    result = subprocess.run(one, cwd=ROOT, env=environment(), capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("atofx: error:") and "written by 2 processes and this run has one process" in error
+    assert "torchrun --nproc_per_node 2" in error and "differs in" not in error and "checkpoint_dir" not in error

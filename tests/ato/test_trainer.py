@@ -183,7 +183,23 @@ def test_finished_run_is_not_retrained(data, reference):
     assert same_mask(ato.mask, ref.mask)
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(data, reference, tmp_path, monkeypatch, capsys):
+def damage(latest: Path, how: str) -> None:
+    """Cut `latest` in half, or invert 64 bytes of its largest weight tensor (a file that torch.load accepts)."""
+    raw = bytearray(latest.read_bytes())
+    if how == "truncate":
+        latest.write_bytes(bytes(raw[: len(raw) // 2]))
+        return
+    before = torch.load(latest, weights_only=True)["model"]
+    at = raw.find(max(before.values(), key=lambda t: t.numel()).numpy().tobytes()[:256])
+    assert at > 0
+    raw[at: at + 64] = bytes(b ^ 0xFF for b in raw[at: at + 64])
+    latest.write_bytes(bytes(raw))
+    after = torch.load(latest, weights_only=True)["model"]  # loads without a word: only the checksum tells
+    assert not same_state(before, after)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_checkpoint_falls_back_to_the_previous_one(data, reference, tmp_path, monkeypatch, capsys, how):
     ref, ref_history, _ = reference
     with monkeypatch.context() as m:
         interrupt_after(m, 3)
@@ -191,7 +207,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(data, reference, tm
             run(data, tmp_path)
     latest = tmp_path / ckpt.CHECKPOINT
     assert (tmp_path / ckpt.PREVIOUS).exists()
-    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    damage(latest, how)
     saved, note = ckpt.read_latest(tmp_path)
     assert saved["epoch"] == 2 and "damaged" in note
     capsys.readouterr()
@@ -200,6 +216,25 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(data, reference, tm
     assert strip(history) == strip(ref_history)
     assert same_mask(ato.mask, ref.mask) and same_state(ato.model, ref.model)
     assert ckpt.read_latest(tmp_path)[0]["epoch"] == EPOCHS
+    assert logged_epochs(tmp_path / "log.jsonl") == list(range(1, EPOCHS + 1))
+
+
+def logged_epochs(path: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+
+
+def test_a_run_that_resumes_no_checkpoint_starts_its_log_afresh(data, tmp_path, capsys):
+    run(data, tmp_path, epochs=2)
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):
+        (tmp_path / name).write_bytes(b"garbage")
+    capsys.readouterr()
+    run(data, tmp_path, epochs=2)
+    assert "no checkpoint can be read, so training starts afresh from epoch 1" in capsys.readouterr().out
+    assert logged_epochs(tmp_path / "log.jsonl") == [1, 2]  # not the first run's lines and then these
+    log = tmp_path / "plain" / "log.jsonl"  # a log without checkpoints: every run is a fresh start
+    for _ in range(2):
+        run(data, None, epochs=1, log_path=log)
+    assert logged_epochs(log) == [1]
 
 
 def test_fingerprint_is_the_same_in_a_new_process():

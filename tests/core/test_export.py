@@ -11,6 +11,7 @@ from torch import nn
 import atofx
 from atofx.app import cli
 from atofx.core.export import export_onnx
+from atofx.errors import AtofxError
 
 
 def small_and_input() -> tuple[nn.Module, torch.Tensor]:
@@ -79,6 +80,42 @@ def test_a_file_without_its_input_shape_asks_for_input_size(tmp_path, capsys):
     path = atofx.save(nn.Sequential(*small), tmp_path / "bare.pt")  # no example inputs known
     assert cli.main(["export", str(path), str(tmp_path / "m.onnx")]) == cli.EXIT_ERROR
     assert "give --input-size CxHxW" in capsys.readouterr().err
+
+
+def test_a_missing_model_file_or_a_folder_is_a_one_line_error(saved, tmp_path, capsys):
+    """Not FileNotFoundError or IsADirectoryError tracebacks: the argument is named, with what to give."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "pruned.pt").write_bytes(saved[0].read_bytes())
+    cases = {(str(tmp_path / "nosuch.pt"), "m.onnx"): "MODEL_FILE " + str(tmp_path / "nosuch.pt") + " does not exist",
+             (str(tmp_path / "run"), "m.onnx"): f"is a folder: give the model file in it ({tmp_path / 'run' / 'pruned.pt'})",
+             (str(saved[0]), str(tmp_path)): f"ONNX_FILE {tmp_path} is a folder"}
+    for (model_file, onnx_file), message in cases.items():
+        assert cli.main(["export", model_file, str(tmp_path / onnx_file)]) == cli.EXIT_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith("atofx: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_an_input_size_the_model_does_not_take_is_named_before_the_exporter_runs(saved, tmp_path, capfd):
+    """3 channels for a 1-channel model: the model's own error and the saved shape, not torch.export's log lines."""
+    pytest.importorskip("onnxscript")
+    assert cli.main(["export", str(saved[0]), str(tmp_path / "m.onnx"), "--input-size", "1x12x12"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("atofx: error: --input-size 1x12x12 does not fit the model in") and err.count("\n") == 1
+    assert "expected input[2, 1, 12, 12] to have 3 channels" in err and "saved with 3x12x12" in err, err
+    assert "torch.onnx.export" not in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_the_exporters_message_is_shown_without_terminal_colour_codes(saved, tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+
+    def coloured(*args, **kwargs):
+        raise RuntimeError("Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of it.\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", coloured)
+    with pytest.raises(AtofxError) as exc:
+        export_onnx(saved[1], tmp_path / "m.onnx", saved[2])
+    assert str(exc.value) == ("torch.onnx.export failed: Failed to export the model with torch.export. This is step "
+                              "1/3 of it.")
 
 
 def test_the_pruned_model_runs_under_torch_compile(saved):
