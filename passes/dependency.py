@@ -21,7 +21,7 @@ from .channel_layout import ChannelLayout, layouts_in
 from .path_tracer import DeclaredLeaves, LeafSpec
 from .registry import OpTable
 from .rule_context import ChannelFacts, RuleContext, output_shapes, tensor_shape
-from .tracing import EVAL_IDENTITY, mode_branches
+from .tracing import EVAL_IDENTITY
 
 
 def describe_target(node: fx.Node, root: nn.Module) -> str:
@@ -61,7 +61,6 @@ class ChannelDependencyPass:
         self.graph = graph if graph is not None else root.graph
         self.ops = op_rules.OPS if ops is None else ops
         self.declared = DeclaredLeaves(leaf_modules)  # opaque at the user's request: pinned, but not unknown
-        self.one_mode = bool(mode_branches(self.graph))  # a graph of one mode's branch cannot be the pruned model
 
     def run(self) -> ChannelFacts:
         facts = ChannelFacts(aliases=tensor_aliases(self.root))
@@ -75,10 +74,6 @@ class ChannelDependencyPass:
                 _written_in_place(ctx, layout)
             if node.name not in facts.channel_counts:
                 self._follow_counts(ctx)
-            if self.one_mode and node.name in facts.literal_channel_args:
-                # pruning them would need the rewritten graph, which keeps the branch of one mode only
-                ctx.pin_inputs(f"{facts.literal_channel_args.pop(node.name)} written in a forward that branches "
-                               "on self.training")
             if layouts_in(layout):
                 facts.graph_inputs[node.name] = _graph_inputs(node)
         return facts

@@ -72,17 +72,47 @@ def trace_graph(
 def _mark_mode_branches(model: nn.Module, graph: fx.Graph, readers: list[nn.Module], other_mode: PathTracer,
                         concrete_args: dict[str, Any] | None) -> None:
     """Python branched on `training` outside the modules kept as calls: fx records the branch of the model's mode
-    only. Where the graph of the other mode differs (or does not trace), the output node's meta names the
-    modules that read their flag (`MODE_BRANCHES`); a graph the same in both modes is not marked."""
-    code = graph.python_code("self").src
+    only. The graph of the other mode is traced too: where the two differ only in flags that are the mode itself
+    (timm's BatchNormAct2d: `batch_norm(..., True if self.training else ...)`), those flags become reads of the
+    graph's `training` and the graph follows the mode; where they differ otherwise (or the other mode does not
+    trace), the output node's meta names the modules that read their flag (`MODE_BRANCHES`)."""
     try:
-        same = other_mode.trace(model, concrete_args).python_code("self").src == code
+        other = other_mode.trace(model, concrete_args)
     except Exception:  # the other mode's branch does not even trace
-        same = False
-    if not same:
+        other = None
+    flags = _mode_flags(graph, other, model.training) if other is not None else None
+    if flags is None:
         names = {id(m): path for path, m in model.named_modules()}
         output = next(n for n in reversed(graph.nodes) if n.op == "output")
         output.meta[MODE_BRANCHES] = tuple(dict.fromkeys(names.get(id(m), "?") for m in readers))
+        return
+    if flags:
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(first):
+            training = graph.get_attr("training")
+        for node, key in flags:
+            node.update_arg(key, training) if isinstance(key, int) else node.update_kwarg(key, training)
+
+
+def _mode_flags(graph: fx.Graph, other: fx.Graph, mode: bool) -> list[tuple[fx.Node, int | str]] | None:
+    """The arguments of `graph` (traced in `mode`) that are `mode` where `other` has `not mode`, node by node; None
+    if the graphs differ in anything else."""
+    nodes, others = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(others):
+        return None
+    flags: list[tuple[fx.Node, int | str]] = []
+    for a, b in zip(nodes, others, strict=True):
+        if (a.op, a.target, a.name, len(a.args), set(a.kwargs)) != (b.op, b.target, b.name, len(b.args), set(b.kwargs)):
+            return None
+        pairs = [*enumerate(zip(a.args, b.args, strict=True)), *((k, (a.kwargs[k], b.kwargs[k])) for k in a.kwargs)]
+        for key, (x, y) in pairs:
+            x, y = (fx.node.map_arg(v, lambda n: n.name) for v in (x, y))
+            if x == y:
+                continue
+            if x is not mode or y is not (not mode):
+                return None
+            flags.append((a, key))
+    return flags
 
 
 def mode_branches(graph: fx.Graph) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 from atofx.core.mask import Mask
 from atofx.core.nested import map_tensors
 from atofx.core.serialization import example_inputs_of
-from atofx.errors import EquivalenceError
+from atofx.errors import AtofxWarning, EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.rewrite import patch_literals, prune_copy
 from atofx.passes.tracing import mode_branches, trace
@@ -36,6 +37,19 @@ def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
                 t.index_fill_(s.dim, torch.as_tensor(drop, device=t.device), 0.0)
 
 
+def _warn_if_one_mode(model: nn.Module, graph: fx.Graph) -> None:
+    """A rewritten graph runs the branch on `training` it was traced with, in either mode."""
+    branches = mode_branches(graph)
+    if branches:
+        where = ", ".join(f"'{b}'" if b else f"{type(model).__name__}.forward" for b in branches)
+        warnings.warn(AtofxWarning(
+            f"the pruned model is a rewritten torch.fx graph (a channel count written in the forward changed), and "
+            f"{where} branches on self.training: the graph runs the branch of the mode the model was compiled in, "
+            "in train and eval mode alike. Compute the count from the tensor (x.flatten(1), x.size(1)) so that your "
+            "class itself is pruned, or use this model in that mode only."),
+            stacklevel=4)
+
+
 def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: Mask, example_inputs: tuple,
            trace_options: dict[str, Any], check: bool = True) -> nn.Module:
     """A physically smaller copy of `model` with `mask`'s dropped channels removed (`Analysis.prune`); with `check`,
@@ -55,17 +69,27 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
     zero_dropped(reference, zigs, keep)
     inputs = map_tensors(lambda t: t.cpu(), example_inputs)
     expected = run_eval(reference, inputs)
-    branches = mode_branches(graph_module.graph)
     for candidate in (small, patched):
-        if candidate is None or (candidate is patched and branches):  # a graph of one mode: wrong in the other
+        if candidate is None:
             continue
         try:
             got = run_eval(candidate.cpu(), inputs)
         except Exception:
             continue
         if relative_difference(expected, got) <= EQUIVALENCE_TOLERANCE:
+            if candidate is patched:
+                _warn_if_one_mode(model, graph_module.graph)
             example_inputs_of[candidate] = example_inputs
             return candidate if device is None else candidate.to(device)
+    branches = mode_branches(graph_module.graph)
+    if branches and patched is not None:
+        where = ", ".join(f"'{b}'" if b else f"{type(model).__name__}.forward" for b in branches)
+        raise EquivalenceError(
+            f"the pruned model has to be a rewritten torch.fx graph (a channel count written in the forward changed), "
+            f"and {where} branches on self.training: the graph keeps the branch of the mode the model was compiled "
+            "in, and compiled in train mode it cannot match the model in eval mode, where the check runs. Compile in "
+            "eval mode (model.eval() before atofx.compile) to prune for inference, or compute the count from the "
+            "tensor (x.flatten(1), x.size(1)) so that your class itself is pruned.")
     ref_gm = trace(reference, **trace_options)
     new_gm = patched if patched is not None else trace(small, **trace_options)
     where = first_divergence(ref_gm, new_gm, inputs, zigs, keep, EQUIVALENCE_TOLERANCE)

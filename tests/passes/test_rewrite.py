@@ -216,24 +216,54 @@ class _TrainHalves(nn.Module):
         return self.fc(y.reshape(-1, 8 * 16)) + self.c2(F.relu(self.c1(x))).mean((2, 3))
 
 
-@pytest.mark.parametrize("mode", [True, False], ids=["compiled-in-train-mode", "compiled-in-eval-mode"])
-def test_a_forward_branching_on_training_is_pruned_into_its_own_class_exact_in_both_modes(mode):
-    """A rewritten graph would keep one mode's branch: the hard-coded count is pinned instead, so the pruned model
-    keeps the user's class, with its branch, and equals the masked model in train and in eval mode."""
+def test_a_rewritten_graph_of_a_forward_branching_on_training_warns_and_equals_the_model_in_its_mode():
+    """The hard-coded count makes the pruned model a rewritten graph, which keeps the branch of the compile-time
+    mode: compiled in eval mode, prune says so and the graph equals the masked model in eval mode; compiled in
+    train mode, the check (in eval mode) cannot pass, and the error says why instead of blaming atofx."""
     torch.manual_seed(0)
-    model, x = _TrainHalves().train(mode), torch.randn(4, 3, 16, 16)
+    model, x = _TrainHalves().eval(), torch.randn(4, 3, 16, 16)
     ato = atofx.compile(model, x[:1])
     assert ato.mode_branches == ("",)
-    assert space_pinned_by(ato, "c0", "shape arguments written in a forward that branches on self.training")
+    mask = ato.random_mask(keep=0.5, seed=0)
+    with pytest.warns(atofx.AtofxWarning, match=r"_TrainHalves.forward branches on self.training: the graph runs"):
+        small = ato.prune(mask)
+    assert small.c1.out_channels < 6 and small.fc.in_features < 128
+    ato.apply_mask(mask)
+    with torch.no_grad():
+        assert relative_difference(model(x), small.eval()(x)) <= TOL
+    trained = atofx.compile(_TrainHalves().train(), x[:1])
+    with pytest.raises(atofx.EquivalenceError, match=r"compiled in train mode it cannot match .*model\.eval\(\)"):
+        trained.prune(trained.random_mask(keep=0.5, seed=0))
+
+
+class _BatchStats(nn.Module):
+    """timm's BatchNormAct2d: `batch_norm(..., True if self.training else ...)`, and a hard-coded count."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.bn, self.fc = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        batch_stats = True if self.training else self.bn.running_mean is None
+        y = F.batch_norm(self.c0(x), self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+                         batch_stats)
+        return self.fc(F.relu(y).reshape(-1, 8 * 16))
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["compiled-in-train-mode", "compiled-in-eval-mode"])
+def test_a_branch_that_only_sets_a_flag_to_the_mode_is_followed_by_the_pruned_graph_in_both_modes(mode):
+    """The two modes' graphs differ only in batch_norm's `training` flag: it becomes a read of the graph's own
+    `training`, so the rewritten pruned graph uses batch statistics in train mode and running ones in eval mode."""
+    torch.manual_seed(0)
+    model, x = _BatchStats().train(mode), torch.randn(4, 3, 16, 16)
+    ato = atofx.compile(model, x[:1])
+    assert ato.mode_branches == ()
     mask = ato.random_mask(keep=0.5, seed=0)
     small = ato.prune(mask)
-    assert type(small) is _TrainHalves and small.c1.out_channels < 6
+    assert isinstance(small, torch.fx.GraphModule) and small.fc.in_features < 128
     ato.apply_mask(mask)
     for train in (True, False):
-        model.train(train), small.train(train)
+        reference, pruned = copy.deepcopy(model).train(train), copy.deepcopy(small).train(train)
         with torch.no_grad():
-            assert relative_difference(model(x), small(x)) <= TOL
+            assert relative_difference(reference(x), pruned(x)) <= TOL
 
-
-def space_pinned_by(ato: atofx.ATOModel, producer: str, reason: str) -> bool:
-    return any(producer in s.producers and s.pinned and reason in s.reason for s in ato.spaces)
