@@ -160,7 +160,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from atofx.app.plots import draw_run_plots
-    from atofx.core.report import read_run, summary_table
+    from atofx.app.run_summary import read_run, summary_table
 
     run_dir, summary = read_run(args.run_dir)  # names a missing or damaged file, and what to do, before drawing
     written = draw_run_plots(run_dir)

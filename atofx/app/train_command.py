@@ -134,9 +134,9 @@ def train_job_from_args(args: argparse.Namespace) -> TrainJob:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from atofx.app.run_summary import summary_table
     from atofx.app.train_job import run
     from atofx.ato import distributed
-    from atofx.core.report import summary_table
 
     job = train_job_from_args(args)
     try:

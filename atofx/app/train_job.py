@@ -45,7 +45,6 @@ from atofx.ato.model import compile as compile_model
 from atofx.ato.plain_training import train_plain
 from atofx.core.counting import count_flops, count_params
 from atofx.core.files import atomic_write_text
-from atofx.core.report import summary_table as summary_table  # re-exported: `atofx train` prints it
 from atofx.core.serialization import save
 from atofx.errors import AtofxError, ShapeError, TraceError
 

@@ -13,7 +13,7 @@ import atofx
 import atofx.app.train_job as train_job
 from atofx.app.datasets import digits_loaders
 from atofx.app.options import TrainJob
-from atofx.app.train_job import summary_table
+from atofx.app.run_summary import summary_table
 from atofx.ato.checkpoint import read_latest
 from atofx.ato.loop import evaluate
 from atofx.ato.trainer import ATOTrainer
