@@ -166,14 +166,12 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
 
 
-def check_round_to(round_to: int, widths: list[int]) -> None:
-    """Refuse a --round-to no prunable channel space is wider than: `rounded_count` leaves a space no wider than
-    round_to as it is, so the run would ignore it without a word. `widths`: the model's prunable spaces' widths."""
-    widest = max(widths, default=0)
-    if round_to > 1 and round_to >= widest:
-        raise ConfigError(f"--round-to {round_to} has no effect on this model: its widest prunable channel space has "
-                          f"{widest} channels, and only a space wider than N is rounded to a multiple of N. Give a "
-                          f"smaller --round-to (8 or 16 suit most CPUs and GPUs), or leave it out.")
+def check_round_to(config: ATOConfig, widths: list[int]) -> None:
+    """ATOConfig.check_round_to in flags, run once the model is analysed and before the dense reference trains."""
+    try:
+        config.check_round_to(widths)
+    except ConfigError as exc:
+        raise ConfigError(_in_flags(str(exc))) from exc
 
 
 def job_settings(job: TrainJob) -> dict[str, Any]:

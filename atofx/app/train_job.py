@@ -199,7 +199,7 @@ def run(job: TrainJob) -> dict[str, Any]:
     dense_model = copy.deepcopy(model)
     example = (torch.randn(example_shape, generator=torch.Generator().manual_seed(job.seed)),)
     ato = _analysed(job, model, example)
-    check_round_to(job.round_to, [s.width for s in ato.zigs.prunable])
+    check_round_to(config, [s.width for s in ato.zigs.prunable])
     saved = prepare_out(job, out, job_fingerprint(job, config, ato, train_loader))
     accuracy_dense, earlier_seconds = _dense_accuracy(job, out, dense_model, train_loader, val_loader, device, progress)
     earlier_seconds += _resumed_seconds(job, out, saved, progress)

@@ -130,6 +130,15 @@ class ATOConfig:
             wanted = min(wanted, train_batches // batches)
         return max(1, wanted)
 
+    def check_round_to(self, widths: list[int]) -> None:
+        """Refuse a round_to no prunable channel space (`widths`) is wider than: a space no wider than round_to is
+        left as it is, so it would have no effect at all, without a word."""
+        widest = max(widths, default=0)
+        if self.round_to > 1 and self.round_to >= widest:
+            raise ConfigError(f"round_to {self.round_to} has no effect on this model: its widest prunable channel "
+                              f"space has {widest} channels, and only a space wider than {self.round_to} is rounded to "
+                              "a multiple of it. Give a smaller value (8 or 16 suit most CPUs and GPUs), or leave it out.")
+
     def validate(self) -> None:
         if not 0.0 < self.target_flops <= 1.0:
             raise ConfigError(f"target_flops is the share of FLOPs kept and must be in (0, 1], got {self.target_flops}.")

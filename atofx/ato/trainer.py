@@ -75,6 +75,7 @@ class ATOTrainer:
         if not zigs.prunable:
             raise NoPrunableSpaceError(
                 "the model has no prunable channel space; ato.report() lists why each one is pinned.")
+        config.check_round_to([s.width for s in zigs.prunable])
         self.gm = fx.GraphModule(ato.graph_module, copy.deepcopy(ato.graph_module.graph))
         self.slots = instrument(self.gm, zigs)
         self.gm.to(device)

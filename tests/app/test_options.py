@@ -78,15 +78,18 @@ def test_cuda_without_a_gpu_is_answered_in_flags(monkeypatch):
 def test_a_round_to_no_space_is_wider_than_is_refused():
     """ResNet-20's spaces are 16, 32 and 64 wide: --round-to 1000 (or 64) would change nothing, silently."""
     from atofx.app.options import check_round_to
+    from atofx.ato.config import ATOConfig
     from atofx.errors import ConfigError
 
     widths = [16, 16, 32, 32, 64, 64]
     for round_to in (1000, 64):
         with pytest.raises(ConfigError, match=rf"^--round-to {round_to} has no effect on this model: its widest "
                                               r"prunable channel space has 64 channels"):
-            check_round_to(round_to, widths)
+            check_round_to(ATOConfig(round_to=round_to), widths)
+        with pytest.raises(ConfigError, match=rf"^round_to {round_to} has no effect"):  # the Python API's words
+            ATOConfig(round_to=round_to).check_round_to(widths)
     for round_to in (1, 8, 16, 63):
-        check_round_to(round_to, widths)
+        check_round_to(ATOConfig(round_to=round_to), widths)
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -549,3 +549,14 @@ def test_controller_subset_is_whole_batches_beyond_one(n, share, size):
     cn = controller_subset(loader, share, seed=0)
     assert len(cn.dataset) == size and len(set(cn.dataset.indices)) == size
     assert controller_subset(loader, share, seed=0).dataset.indices == cn.dataset.indices  # fixed for a seed
+
+
+def test_a_round_to_no_prunable_space_is_wider_than_is_refused_before_training():
+    """ato.train(round_to=1000) would change nothing, silently: refused, in the keyword's words."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3))
+    ato = atofx.compile(model, torch.randn(2, 1, 6, 6))
+    with pytest.raises(atofx.ConfigError, match=r"^round_to 8 has no effect on this model: .* 8 channels"):
+        ato.start_training(epochs=2, target_flops=0.5, round_to=8)
+    ato.start_training(epochs=2, target_flops=0.5, round_to=4)
