@@ -13,7 +13,7 @@ from atofx.errors import TraceError
 from .path_tracer import EVAL_IDENTITY, MODE_BRANCHES, LeafSpec, PathTracer
 from .shape_tracer import ShapeTracer
 
-__all__ = ["EVAL_IDENTITY", "MODE_BRANCHES", "LeafSpec", "mode_branches", "trace", "trace_graph"]
+__all__ = ["EVAL_IDENTITY", "MODE_BRANCHES", "LeafSpec", "branching_modules", "mode_branches", "trace", "trace_graph"]
 
 _CONSTRUCTS = (
     ("iterate", "iteration over a tensor of unknown length"),
@@ -113,6 +113,11 @@ def _mode_flags(graph: fx.Graph, other: fx.Graph, mode: bool) -> list[tuple[fx.N
                 return None
             flags.append((a, key))
     return flags
+
+
+def branching_modules(model: nn.Module, graph: fx.Graph) -> str:
+    """The modules of `mode_branches`, as a message names them ("'layer1.bn', Net.forward"); "" if none."""
+    return ", ".join(f"'{b}'" if b else f"{type(model).__name__}.forward" for b in mode_branches(graph))
 
 
 def mode_branches(graph: fx.Graph) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from atofx.core.nested import map_tensors
 from atofx.core.report import spaces_table
 from atofx.core.visualize import draw_spaces
 from atofx.errors import AtofxError, AtofxWarning, ConfigError, DataError, ScheduleWarning
-from atofx.passes.tracing import LeafSpec
+from atofx.passes.tracing import LeafSpec, branching_modules
 from atofx.passes.values import device_of
 
 # what a Python user can do about a short schedule (the command line words it in flags: atofx.app.train_command)
@@ -111,10 +111,10 @@ class ATOModel(Analysis):
 
     def _warn_if_eval_branch(self) -> None:
         """fx recorded the branch of the mode the model was compiled in, and training runs that graph."""
-        if self.mode_branches and not self.traced_in_train_mode:
-            where = ", ".join(f"'{b}'" if b else f"{type(self.model).__name__}.forward" for b in self.mode_branches)
+        branching = branching_modules(self.model, self.graph)
+        if branching and not self.traced_in_train_mode:
             warnings.warn(AtofxWarning(
-                f"{where} branches on self.training, and the model was compiled in eval mode: torch.fx recorded the "
+                f"{branching} branches on self.training, and the model was compiled in eval mode: torch.fx recorded the "
                 "eval branch, and that is what ato.train would train (running BatchNorm statistics, say, where "
                 "training uses the batch's). Call model.train() before atofx.compile(...)."), stacklevel=3)
 

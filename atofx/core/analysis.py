@@ -242,4 +242,5 @@ class Analysis:
         mask = mask if mask is not None else self.mask
         if mask is None:
             raise AtofxError("no mask to prune with: pass one (ato.random_mask(...)) or call ato.train(...) first.")
-        return pruned(self.model, self.graph_module, self.zigs, mask, self.example_inputs, self.trace_options, check)
+        return pruned(self.model, self.graph_module, self.zigs, mask, self.example_inputs, self.trace_options, check,
+                      self.traced_in_train_mode)

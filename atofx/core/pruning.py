@@ -17,11 +17,14 @@ from atofx.core.serialization import example_inputs_of
 from atofx.errors import AtofxWarning, EquivalenceError
 from atofx.passes.equivalence import first_divergence, relative_difference, run_eval
 from atofx.passes.rewrite import patch_literals, prune_copy
-from atofx.passes.tracing import mode_branches, trace
+from atofx.passes.tracing import branching_modules, trace
 from atofx.passes.values import device_of
 from atofx.passes.zig_inference import ZIGSet
 
 EQUIVALENCE_TOLERANCE = 1e-5
+# what is said of a pruned model that had to be a rewritten graph, where the forward branches on `training`
+_REWRITTEN = "the pruned model is a rewritten torch.fx graph (a channel count written in the forward changed)"
+_COUNT_ADVICE = "Compute the count from the tensor (x.flatten(1), x.size(1)) so that your class itself is pruned"
 
 
 def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
@@ -37,23 +40,11 @@ def zero_dropped(model: nn.Module, zigs: ZIGSet, keep_comp: np.ndarray) -> None:
                 t.index_fill_(s.dim, torch.as_tensor(drop, device=t.device), 0.0)
 
 
-def _warn_if_one_mode(model: nn.Module, graph: fx.Graph) -> None:
-    """A rewritten graph runs the branch on `training` it was traced with, in either mode."""
-    branches = mode_branches(graph)
-    if branches:
-        where = ", ".join(f"'{b}'" if b else f"{type(model).__name__}.forward" for b in branches)
-        warnings.warn(AtofxWarning(
-            f"the pruned model is a rewritten torch.fx graph (a channel count written in the forward changed), and "
-            f"{where} branches on self.training: the graph runs the branch of the mode the model was compiled in, "
-            "in train and eval mode alike. Compute the count from the tensor (x.flatten(1), x.size(1)) so that your "
-            "class itself is pruned, or use this model in that mode only."),
-            stacklevel=4)
-
-
 def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: Mask, example_inputs: tuple,
-           trace_options: dict[str, Any], check: bool = True) -> nn.Module:
+           trace_options: dict[str, Any], check: bool = True, traced_in_train_mode: bool = False) -> nn.Module:
     """A physically smaller copy of `model` with `mask`'s dropped channels removed (`Analysis.prune`); with `check`,
-    one that reproduces the masked model on `example_inputs`, or EquivalenceError."""
+    one that reproduces the masked model on `example_inputs`, or EquivalenceError. A rewritten graph of a forward
+    that branches on `training` keeps the branch it was traced with (`traced_in_train_mode`): it is said."""
     mask.validate(zigs)
     keep = mask.component_keep(zigs)
     small = prune_copy(model, zigs, keep)
@@ -69,6 +60,7 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
     zero_dropped(reference, zigs, keep)
     inputs = map_tensors(lambda t: t.cpu(), example_inputs)
     expected = run_eval(reference, inputs)
+    branching = branching_modules(model, graph_module.graph)
     for candidate in (small, patched):
         if candidate is None:
             continue
@@ -77,19 +69,18 @@ def pruned(model: nn.Module, graph_module: fx.GraphModule, zigs: ZIGSet, mask: M
         except Exception:
             continue
         if relative_difference(expected, got) <= EQUIVALENCE_TOLERANCE:
-            if candidate is patched:
-                _warn_if_one_mode(model, graph_module.graph)
+            if candidate is patched and branching:
+                warnings.warn(AtofxWarning(f"{_REWRITTEN}, and {branching} branches on self.training: the graph runs "
+                                           "the branch of the mode the model was compiled in, in train and eval mode "
+                                           f"alike. {_COUNT_ADVICE}, or use this model in that mode only."), stacklevel=3)
             example_inputs_of[candidate] = example_inputs
             return candidate if device is None else candidate.to(device)
-    branches = mode_branches(graph_module.graph)
-    if branches and patched is not None:
-        where = ", ".join(f"'{b}'" if b else f"{type(model).__name__}.forward" for b in branches)
+    if branching and patched is not None and traced_in_train_mode:
         raise EquivalenceError(
-            f"the pruned model has to be a rewritten torch.fx graph (a channel count written in the forward changed), "
-            f"and {where} branches on self.training: the graph keeps the branch of the mode the model was compiled "
-            "in, and compiled in train mode it cannot match the model in eval mode, where the check runs. Compile in "
-            "eval mode (model.eval() before atofx.compile) to prune for inference, or compute the count from the "
-            "tensor (x.flatten(1), x.size(1)) so that your class itself is pruned.")
+            f"{_REWRITTEN}, and {branching} branches on self.training: the graph keeps the branch of the mode the "
+            "model was compiled in, and compiled in train mode it cannot match the model in eval mode, where the check "
+            f"runs. Compile in eval mode (model.eval() before atofx.compile) to prune for inference; or: "
+            f"{_COUNT_ADVICE[0].lower()}{_COUNT_ADVICE[1:]}.")
     ref_gm = trace(reference, **trace_options)
     new_gm = patched if patched is not None else trace(small, **trace_options)
     where = first_divergence(ref_gm, new_gm, inputs, zigs, keep, EQUIVALENCE_TOLERANCE)
