@@ -326,7 +326,7 @@ def _forward_is_graph(payload: dict[str, Any]) -> bool:
 
 
 def _runs_the_saved_graph(model: nn.Module, record: dict[str, Any] | None) -> bool:
-    """Whether `model` (shrunk to the saved widths) computes the stored graph: the same nodes, numbers and all."""
+    """Whether `model` computes the stored graph: the same nodes, numbers and all."""
     if record is None:
         return False
     try:
@@ -367,12 +367,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         why = _mismatch(model, payload["state_dict"])
         if why is not None:
             raise AtofxError(f"{fits}: {why}. Pass a fresh instance of the saved architecture.")
+        _refuse_other_forward(path, payload, model)  # its forward's code does not depend on its widths: checked first
         try:
             _shrink_into(model, payload)
         except (RuntimeError, AttributeError, KeyError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise AtofxError(f"{fits}: {first_line[:300]}") from exc
-        _refuse_other_forward(path, payload, model)
         return model
     if payload["graph"] is None:
         raise AtofxError(

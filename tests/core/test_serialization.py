@@ -202,8 +202,11 @@ REWRITTEN = r"forward is a rewritten torch\.fx graph.*OneChannel's own forward.*
 @pytest.mark.parametrize("cls", [OneChannel, CatSlice])
 def test_a_rewritten_graph_is_refused_into_the_users_class_and_loads_without_it(tmp_path, cls):
     path, small, x = save_rewritten(cls, tmp_path)
+    given = cls()
+    widths = [p.shape for p in given.parameters()]
     with pytest.raises(atofx.AtofxError, match=REWRITTEN.replace("OneChannel", cls.__name__)):
-        atofx.load(path, model=cls())
+        atofx.load(path, model=given)
+    assert [p.shape for p in given.parameters()] == widths, "a refused model is left as it was given"
     assert torch.equal(run_eval(atofx.load(path), (x,)), run_eval(small, (x,)))
 
 
