@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import io
+import os
 import re
 import sys
 import warnings
@@ -295,7 +296,10 @@ def _command(argv: Sequence[str]) -> str:
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
-    """atofx's own warnings as one `atofx: warning:` line; others as Python prints them."""
+    """atofx's own warnings as one `atofx: warning:` line, by the main process only (torchrun's ranks would each say
+    it); others as Python prints them."""
+    if issubclass(category, AtofxWarning) and os.environ.get("RANK", "0") != "0":
+        return
     if isinstance(message, ScheduleWarning):  # its advice, in flags
         print(f"atofx: warning: {message.diagnosis} {SCHEDULE_ADVICE}", file=sys.stderr)
     elif issubclass(category, AtofxWarning):

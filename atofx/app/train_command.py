@@ -142,7 +142,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         summary = run(job)
     except KeyboardInterrupt:
-        print(interrupted_message(job), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun rank
+            print(interrupted_message(job), file=sys.stderr)
         return 130
     finally:
         distributed.stop()

@@ -304,3 +304,13 @@ def test_a_bad_device_or_seed_is_a_one_line_error_naming_the_flag(tmp_path, caps
         err = capsys.readouterr().err
         assert err.startswith(f"atofx: error: {start}") and err.count("\n") == 1, err
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("rank", "shown"), [("0", True), ("1", False)])
+def test_atofx_warnings_are_printed_by_the_main_rank_only(monkeypatch, capsys, rank, shown):
+    """Under torchrun every rank meets the same warning; one line is enough."""
+    from atofx.errors import AtofxWarning
+
+    monkeypatch.setenv("RANK", rank)
+    cli._show_warning(AtofxWarning("the same on every rank"), AtofxWarning, "f.py", 1)
+    assert ("atofx: warning: the same on every rank" in capsys.readouterr().err) == shown
