@@ -13,14 +13,22 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atofx.app.options import DENSE_SETTINGS, TrainJob, controller_share, flag, job_settings
+from atofx.app.options import (
+    ATO_OPTIONS,
+    CONTROLLER_DATA,
+    DENSE_SETTINGS,
+    TrainJob,
+    controller_share,
+    flag,
+    job_settings,
+)
 from atofx.ato import distributed
 from atofx.ato.checkpoint import fingerprint, read_latest
+from atofx.ato.config import ATOConfig
 from atofx.core.files import atomic_write_text, make_folder
 from atofx.errors import ConfigError
 
 if TYPE_CHECKING:
-    from atofx.ato.config import ATOConfig
     from atofx.ato.model import ATOModel
 
 
@@ -38,6 +46,19 @@ def _recorded_settings(out: Path) -> dict[str, Any] | None:
     return old if isinstance(old, dict) else None
 
 
+def _effective(name: str, settings: dict[str, Any]) -> Any:
+    """The value a run uses for setting `name`: the one given, or for an ATO option left unset its flavour's default
+    (and for --controller-data the dataset's share), so that typing a default is the same run as leaving it out."""
+    value = settings[name]
+    if value is not None:
+        return value
+    if name in ATO_OPTIONS:
+        return getattr(ATOConfig.of(settings.get("flavour") or "atofx"), name)
+    if name == "controller_data" and settings.get("dataset") != "folder":  # a folder's share depends on its size
+        return CONTROLLER_DATA.get(settings.get("dataset"), ATOConfig.controller_data)
+    return value
+
+
 def check_same_run(job: TrainJob, out: Path) -> None:
     """Refuse, before any training, to resume OUT/checkpoints written with other settings; say how to go on."""
     ckpt_dir = out / "checkpoints"
@@ -45,7 +66,7 @@ def check_same_run(job: TrainJob, out: Path) -> None:
     if old is None or not any(ckpt_dir.glob("checkpoint*.pt")):
         return  # without a record, check_checkpoint compares the checkpoint's own fingerprint
     new = job_settings(job)
-    diff = [k for k in new if k in old and old[k] != new[k]]
+    diff = [k for k in new if k in old and _effective(k, old) != _effective(k, new)]
     if diff:
         changes = ", ".join(f"{flag(k)} {_shown(old[k])} -> {_shown(new[k])}" for k in diff)
         raise ConfigError(

@@ -160,8 +160,9 @@ def test_the_dense_reference_is_reused_only_with_the_same_settings(tiny_job, mon
         train_job.run(tiny_job(epochs=3))
     message = str(err.value)
     assert "--epochs 2 -> 3" in message and "another --out" in message and "checkpoints" in message
-    with pytest.raises(atofx.ConfigError, match=r"--controller-data unset -> 0\.5\)"):  # not Python's None
-        train_job.run(tiny_job(epochs=2, controller_data=0.5))
+    with pytest.raises(atofx.ConfigError, match=r"--controller-data unset -> 0\.4\)"):  # not Python's None
+        train_job.run(tiny_job(epochs=2, controller_data=0.4))
+    train_job.run(tiny_job(epochs=2, controller_data=0.5, step_size="share"))  # the defaults typed: the same run
     assert calls == [2]
     for f in (Path(job.out) / "checkpoints").iterdir():  # as the refusal says
         f.unlink()
