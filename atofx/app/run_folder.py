@@ -23,7 +23,7 @@ from atofx.app.options import (
     job_settings,
 )
 from atofx.ato import distributed
-from atofx.ato.checkpoint import fingerprint, read_latest
+from atofx.ato.checkpoint import check_ranks, fingerprint, read_latest
 from atofx.ato.config import ATOConfig
 from atofx.core.files import atomic_write_text, make_folder
 from atofx.errors import ConfigError
@@ -143,6 +143,8 @@ def prepare_out(job: TrainJob, out: Path, fingerprint: dict[str, Any]) -> dict[s
     """The checkpoint this run resumes from (None: it starts afresh), checked before anything is written; then
     OUT/ made (rank 0), an earlier run's results removed when starting afresh, and OUT/job.json written."""
     saved, _ = read_latest(out / "checkpoints")  # fit says what a damaged one is; one that carries code stops here
+    if saved is not None:  # the ranks are no flag job.json records
+        check_ranks(saved, fingerprint["ranks"], out / "checkpoints")
     if saved is not None and _recorded_settings(out) is None:
         check_checkpoint(out, saved, fingerprint)
     if distributed.current().main:  # written once the data and the model are known to work: a refused run leaves

@@ -131,8 +131,8 @@ def check_compatible(saved: dict[str, Any], fingerprint: dict[str, Any], folder:
     """Refuse to resume from a checkpoint written for a different model or configuration, or number of processes."""
     old = saved.get("fingerprint", {})
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-    if "ranks" in diff and set(diff) <= {"ranks", "batches_per_epoch"} and isinstance(old.get("ranks"), int):
-        raise ConfigError(_other_ranks(old["ranks"], fingerprint.get("ranks"), folder))  # shards differ with ranks
+    if set(diff) <= {"ranks", "batches_per_epoch"}:  # shards, and so batches, differ with the ranks
+        check_ranks(saved, fingerprint.get("ranks"), folder)
     if diff:
         raise ConfigError(
             f"the checkpoint in {folder} was written for a different run (differs in: {', '.join(diff)}). "
@@ -140,13 +140,18 @@ def check_compatible(saved: dict[str, Any], fingerprint: dict[str, Any], folder:
         )
 
 
-def _other_ranks(saved: int, now: Any, folder: Path) -> str:
-    """The refusal of a checkpoint that differs only in its number of processes: how to resume it."""
+def check_ranks(saved: dict[str, Any], ranks: Any, folder: Path) -> None:
+    """Refuse a checkpoint written by another number of processes, saying how to resume it (each process resumes
+    its own random streams and share of the data)."""
+    written = saved.get("fingerprint", {}).get("ranks")
+    if not isinstance(written, int) or written == ranks:
+        return
+
     def count(n: Any) -> str:
         return "one process" if n == 1 else f"{n} processes"
 
-    how = "as one process, without torchrun" if saved == 1 else \
-        f"with torchrun --nproc_per_node {saved} and the same arguments"
-    return (f"the checkpoint in {folder} was written by {count(saved)} and this run has {count(now)}; each process "
-            f"resumes its own random streams and share of the data. Resume it {how}, or delete {folder} to start "
-            "afresh.")
+    how = "as one process, without torchrun" if written == 1 else \
+        f"with torchrun --nproc_per_node {written} and the same arguments"
+    raise ConfigError(f"the checkpoint in {folder} was written by {count(written)} and this run has {count(ranks)}; "
+                      f"each process resumes its own random streams and share of the data. Resume it {how}, or delete "
+                      f"{folder} to start afresh.")

@@ -230,3 +230,4 @@ def test_a_two_rank_checkpoint_resumed_as_one_process_says_to_rerun_it_under_tor
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("atofx: error:") and "written by 2 processes and this run has one process" in error
     assert "torchrun --nproc_per_node 2" in error and "differs in" not in error and "checkpoint_dir" not in error
+    assert "resuming" not in result.stdout + result.stderr  # refused before it says it resumes
