@@ -157,6 +157,17 @@ def gated_spaces(analysis: Analysis, search_space: str) -> list[int]:
     return chosen
 
 
+def subset_size(n: int, share: float, batch: int) -> int:
+    """The size of D_CN, `share` of `n` images; beyond one batch, rounded to whole batches (`controller_subset`)."""
+    size = max(1, math.ceil(share * n))
+    return min(n, round(size / batch) * batch) if size > batch else size
+
+
+def controller_batches(n: int, share: float, batch: int, ranks: int) -> int:
+    """The controller's batches a pass over D_CN, on each of `ranks` processes (each takes its shard)."""
+    return max(1, math.ceil(math.ceil(subset_size(n, share, batch) / ranks) / batch))
+
+
 def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader:
     """D_CN: a fixed random `share` of the training set, same batch size and collate as `loader`.
 
@@ -167,9 +178,7 @@ def controller_subset(loader: DataLoader, share: float, seed: int) -> DataLoader
     dataset = loader.dataset
     n = len(dataset)
     batch = loader.batch_size or 1
-    size = max(1, math.ceil(share * n))
-    if size > batch:
-        size = min(n, round(size / batch) * batch)
+    size = subset_size(n, share, batch)
     gen = torch.Generator().manual_seed(seed + 1)
     subset = Subset(dataset, torch.randperm(n, generator=gen)[:size].tolist())
     if distributed.current().parallel:

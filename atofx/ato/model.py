@@ -4,7 +4,6 @@ through `ato.train(...)` or, in a custom loop, `ato.start_training(...)` and its
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Iterable, Sequence, Sized
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 from atofx.ato import distributed
 from atofx.ato.batches import split_batch
 from atofx.ato.config import MIN_EPOCHS, MIN_WINDOW_EPOCHS, MIN_WINDOW_STEPS, ATOConfig, check_options
+from atofx.ato.controller import controller_batches
 from atofx.ato.denormals import flush_denormal_state_
 from atofx.ato.loop import fit
 from atofx.ato.mixed_precision import StepPrecision
@@ -49,8 +49,8 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
     """Warn when the schedule leaves the controller too little to learn from (`schedule_warning`)."""
     n = len(train_loader.dataset) if isinstance(getattr(train_loader, "dataset", None), Sized) else None
     if trainer.config.method == "ato" and n:  # without a length, fit says why it cannot train
-        batches = max(1, math.ceil(math.ceil(trainer.config.controller_data * n) /
-                                   (getattr(train_loader, "batch_size", None) or 1)))
+        batches = controller_batches(n, trainer.config.controller_data, getattr(train_loader, "batch_size", None) or 1,
+                                     distributed.current().world)
         window = trainer.phases.end - trainer.phases.start
         steps = len(train_loader) if isinstance(train_loader, Sized) else None
         why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches, steps))

@@ -103,3 +103,22 @@ def test_mask_is_deterministic_and_detached():
     c = Controller(WIDTHS)
     m1, m2 = c.mask(), c.mask()
     assert all(torch.equal(m1[k], m2[k]) and not m1[k].requires_grad for k in m1)
+
+
+@pytest.mark.parametrize(("n", "share", "batch", "ranks"), [(1437, 0.5, 64, 1), (1437, 0.5, 32, 2), (1000, 0.05, 16, 4),
+                                                            (50, 0.02, 8, 3)])
+def test_the_controller_batches_a_pass_are_what_each_rank_loads(n, share, batch, ranks):
+    """The schedule warning counts the controller's steps with controller_batches: under torchrun each rank loads a
+    shard of D_CN at the per-rank batch size, so the count is the same as one process's, not `ranks` times it."""
+    from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+
+    from atofx.ato.controller import controller_batches, controller_subset, subset_size
+
+    data = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))
+    size = subset_size(n, share, batch)
+    if ranks == 1:
+        loaded = len(controller_subset(DataLoader(data, batch_size=batch), share, seed=0))
+    else:
+        subset = Subset(data, list(range(size)))
+        loaded = len(DataLoader(subset, batch_size=batch, sampler=DistributedSampler(subset, ranks, 0, shuffle=False)))
+    assert controller_batches(n, share, batch, ranks) == loaded
