@@ -45,6 +45,17 @@ def schedule_warning(phases: Any, controller_batches: int, passes: int) -> str |
             "the mask then freezes: expect a large accuracy loss.")
 
 
+def _warn_before_fit(trainer: ATOTrainer, train_loader: Any) -> None:
+    """What `train` says before `fit` trains the traced graph: a schedule too short, a graph of the eval branch."""
+    _warn_if_short(trainer, train_loader)
+    branching = branching_modules(trainer.ato.model, trainer.ato.graph)
+    if branching and not trainer.ato.traced_in_train_mode:  # a custom loop trains the model itself: not said there
+        warnings.warn(AtofxWarning(
+            f"{branching} branches on self.training, and the model was compiled in eval mode: torch.fx recorded the "
+            "eval branch, and that is what ato.train trains (running BatchNorm statistics, say, where training uses "
+            "the batch's). Call model.train() before atofx.compile(...)."), stacklevel=3)
+
+
 def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
     """Warn when the schedule leaves the controller too little to learn from (`schedule_warning`)."""
     n = len(train_loader.dataset) if isinstance(getattr(train_loader, "dataset", None), Sized) else None
@@ -55,7 +66,7 @@ def _warn_if_short(trainer: ATOTrainer, train_loader: Any) -> None:
         steps = len(train_loader) if isinstance(train_loader, Sized) else None
         why = schedule_warning(trainer.phases, batches, trainer.config.passes(window, batches, steps))
         if why is not None:
-            warnings.warn(ScheduleWarning(why, SCHEDULE_ADVICE), stacklevel=3)
+            warnings.warn(ScheduleWarning(why, SCHEDULE_ADVICE), stacklevel=4)
 
 
 # how far above target_flops the final mask may keep FLOPs before a run says so: the benchmark's "on target" is 1 point
@@ -100,7 +111,6 @@ class ATOModel(Analysis):
         if epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {epochs}.")
         self.pin(*ignored_layers, *pin)
-        self._warn_if_eval_branch()
         config["min_keep"] = self.min_keep(max_pruned)
         dev = resolve_device(device, self.model)
         self.model.to(dev)
@@ -108,15 +118,6 @@ class ATOModel(Analysis):
         self._trainer = ATOTrainer(self, ATOConfig.of(flavour, target_flops=target_flops, **config), epochs, dev)
         self._stepped_optimizer: torch.optim.Optimizer | None = None  # the custom loop's, flushed at end_epoch
         return self._trainer
-
-    def _warn_if_eval_branch(self) -> None:
-        """fx recorded the branch of the mode the model was compiled in, and training runs that graph."""
-        branching = branching_modules(self.model, self.graph)
-        if branching and not self.traced_in_train_mode:
-            warnings.warn(AtofxWarning(
-                f"{branching} branches on self.training, and the model was compiled in eval mode: torch.fx recorded the "
-                "eval branch, and that is what ato.train would train (running BatchNorm statistics, say, where "
-                "training uses the batch's). Call model.train() before atofx.compile(...)."), stacklevel=3)
 
     def _active(self) -> ATOTrainer:
         if getattr(self, "_trainer", None) is None:
@@ -192,7 +193,7 @@ class ATOModel(Analysis):
 
             optimizer, default_schedule = default_optimizer(self.model, epochs)
             scheduler = scheduler or default_schedule
-        _warn_if_short(trainer, train_loader)
+        _warn_before_fit(trainer, train_loader)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         log = Path(log_path) if log_path is not None else (folder / "log.jsonl" if folder is not None else None)
         history = fit(trainer, train_loader, optimizer, scheduler, loss_fn or nn.functional.cross_entropy,

@@ -90,9 +90,14 @@ def test_training_a_graph_traced_in_eval_mode_of_a_forward_branching_on_training
     torch.manual_seed(0)
     ato = atofx.compile(_NoisyInTraining().train(train_mode), torch.randn(2, 3, 6, 6))
     assert ato.mode_branches == ("",)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 6, 6), torch.randint(0, 2, (16, 4, 4)))  # per pixel
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ato.start_training(epochs=2, target_flops=0.5)
-    said = [str(w.message) for w in caught if "compiled in eval mode" in str(w.message)]
+        ato.start_training(epochs=2, target_flops=0.5)  # a custom loop trains the model itself: nothing to say
+        assert not [w for w in caught if "compiled in eval mode" in str(w.message)]
+        ato.train(torch.utils.data.DataLoader(data, batch_size=8), 1, target_flops=0.5, progress=False)
+    said = [w for w in caught if "compiled in eval mode" in str(w.message)]
     assert len(said) == (0 if train_mode else 1)
+    assert not said or said[0].filename == __file__  # it points at the user's call
+    said = [str(w.message) for w in said]
     assert not said or "_NoisyInTraining.forward branches on self.training" in said[0]
