@@ -8,7 +8,6 @@ run's results; OUT/dense.json is reused when its settings match and is whole.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from atofx.app.options import (
     flag,
     job_settings,
 )
+from atofx.app.run_summary import NUMBER, is_kind
 from atofx.ato import distributed
 from atofx.ato.checkpoint import check_ranks, fingerprint, read_latest
 from atofx.ato.config import ATOConfig
@@ -121,17 +121,13 @@ def dense_reference(job: TrainJob, out: Path, progress: bool) -> dict[str, Any] 
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         stored = None
-    if not isinstance(stored, dict) or not _a_number(stored.get("accuracy_dense")) \
-            or not _a_number(stored.get("seconds", 0.0)):
+    if not isinstance(stored, dict) or not is_kind(stored.get("accuracy_dense"), NUMBER) \
+            or not is_kind(stored.get("seconds", 0.0), NUMBER):
         if progress:
             print(f"atofx: {path} is damaged; training the dense reference again", flush=True)
         return None
     want = {k: getattr(job, k) for k in DENSE_SETTINGS}
     return stored if stored.get("settings") == want else None
-
-
-def _a_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # what a finished `run` writes into OUT/: a run that starts afresh removes an earlier run's, which `atofx report`

@@ -40,14 +40,15 @@ RUN_FILES = ("summary.json", "log.jsonl", "widths.json")
 RUN_MARKS = (*RUN_FILES, "job.json", "dense.json", "checkpoints")
 REWRITE = "rerun the same `atofx train` command to rewrite it (it resumes from the run's checkpoints)"
 # summary.json keys the table needs -> what each must be (None allowed only where the run may have none)
-_NUMBER, _OPTIONAL, _TEXT, _WHOLE = "a number", "a number or null", "a text", "a whole number"
-SUMMARY_KEYS = {"model": _TEXT, "dataset": _TEXT, "epochs": _WHOLE, "target_flops": _NUMBER, "flops_kept": _NUMBER,
-                "flops_before": _NUMBER, "flops_after": _NUMBER, "params_before": _NUMBER, "params_after": _NUMBER,
-                "accuracy_dense": _OPTIONAL, "accuracy_trained": _NUMBER, "accuracy_pruned": _NUMBER,
-                "seconds": _NUMBER}
+NUMBER, _OPTIONAL, _TEXT, _WHOLE = "a number", "a number or null", "a text", "a whole number"
+SUMMARY_KEYS = {"model": _TEXT, "dataset": _TEXT, "epochs": _WHOLE, "target_flops": NUMBER, "flops_kept": NUMBER,
+                "flops_before": NUMBER, "flops_after": NUMBER, "params_before": NUMBER, "params_after": NUMBER,
+                "accuracy_dense": _OPTIONAL, "accuracy_trained": NUMBER, "accuracy_pruned": NUMBER,
+                "seconds": NUMBER}
 
 
-def _is(value: Any, kind: str) -> bool:
+def is_kind(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of `kind` (NUMBER: finite, not a bool; WHOLE; TEXT; OPTIONAL: a number or null)."""
     if kind == _TEXT:
         return isinstance(value, str)
     if kind == _OPTIONAL and value is None:
@@ -78,7 +79,7 @@ def _wrong_keys(record: Any, kinds: dict[str, str]) -> str | None:
     for key, kind in kinds.items():
         if key not in record:
             return f"no {key!r}"
-        if not _is(record[key], kind):
+        if not is_kind(record[key], kind):
             return f"{key!r} is {json.dumps(record[key])[:40]}, not {kind}"
     return None
 
@@ -105,7 +106,7 @@ def read_run(path: Path) -> tuple[Path, dict[str, Any]]:
     folder = run_folder(path)
     summary = _json(folder / "summary.json")
     wrong = _wrong_keys(summary, SUMMARY_KEYS)
-    if wrong is None and not _is(summary.get("seconds_this_invocation", 0.0), _NUMBER):
+    if wrong is None and not is_kind(summary.get("seconds_this_invocation", 0.0), NUMBER):
         wrong = "'seconds_this_invocation' is not a number"
     if wrong:
         raise _damaged(folder / "summary.json", wrong)
@@ -133,8 +134,8 @@ def _check_log(path: Path) -> None:
             record = json.loads(line)
         except ValueError:
             raise _damaged(path, f"line {n} is not JSON") from None
-        wrong = _wrong_keys(record, {"epoch": _WHOLE, "train_accuracy": _NUMBER, "flops_kept": _NUMBER})
-        if wrong is None and "val_accuracy" in record and not _is(record["val_accuracy"], _NUMBER):
+        wrong = _wrong_keys(record, {"epoch": _WHOLE, "train_accuracy": NUMBER, "flops_kept": NUMBER})
+        if wrong is None and "val_accuracy" in record and not is_kind(record["val_accuracy"], NUMBER):
             wrong = "'val_accuracy' is not a number"
         if wrong:
             raise _damaged(path, f"line {n}: {wrong}")
