@@ -94,7 +94,8 @@ class ATOConfig:
     freeze_mask: str = "bisect"
     search_space: str = "all"  # "all": every prunable space; "internal": only spaces inside one block (official)
     # the mask that projects in the window: "floor" the controller's, topped up to the budget with live dropped
-    # ZIGs, best logits first, when it keeps less; "controller" its own (paper, official). The one-sided regulariser
+    # ZIGs, best logits first, when it keeps less; "budget" its live ZIGs ranked by logit and cut at the budget
+    # (from the first projection on, as `static` is); "controller" its own (paper, official). The one-sided regulariser
     # lets the controller's mask sink under the budget and its dropped groups die (Fashion-MNIST table: 0.449 of
     # FLOPs kept for a 0.5 target, 0.274 for 0.3); the floor keeps 0.496 / 0.298 and gained 0.08 / 0.24 points on
     # validation over 3 seeds, a tie over 5 (docs/ablation.md, section 7)
@@ -182,7 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "controller_optimizer": ("adam", "adamw"),
     "freeze_mask": ("bisect", "fill", "controller", "dead"),
     "search_space": ("all", "internal"),
-    "window_mask": ("controller", "floor"),
+    "window_mask": ("controller", "floor", "budget"),
 }
 
 

@@ -251,8 +251,12 @@ class ATOTrainer:
         return self._full(self._never_empty({k: v.detach() for k, v in masks.items()}))
 
     def _floored(self, mask: Masks) -> Masks:
-        """The window's projecting mask: `mask`, or with `window_mask="floor"` topped up to the budget (`filled_mask`)."""
-        return self.filled_mask(mask) if self.config.window_mask == "floor" else mask
+        """The window's projecting mask, as `window_mask` says: `mask` ("controller"), `mask` topped up to the budget
+        ("floor", `filled_mask`), or the controller's live ZIGs ranked by logit and cut at the budget ("budget")."""
+        how = self.config.window_mask
+        if how == "budget":
+            return self._threshold_for_target(self._fill_scores({k: torch.zeros_like(v) for k, v in mask.items()}))
+        return self.filled_mask(mask) if how == "floor" else mask
 
     def _never_empty(self, masks: Masks) -> Masks:
         empty = [k for k, m in masks.items() if not bool(m.any())]
@@ -312,12 +316,17 @@ class ATOTrainer:
         `window_mask="floor"` this rule holds the window's mask at the budget after every controller step."""
         if self.flops_kept(mask) >= self.config.target_flops:
             return mask
+        return self._threshold_for_target(self._fill_scores(mask))
+
+    def _fill_scores(self, mask: Masks) -> dict[int, Tensor]:
+        """Per gated space, the order ZIGs are kept in: kept by `mask` 2; live dropped sigmoid(logit + offset), in
+        (0, 1); dead (all parameters exactly zero) 0, never above a threshold."""
         logits = self.controller()
-        scores = {}  # kept: 2; live dropped: sigmoid(logit + offset) in (0, 1); dead: 0, never above a threshold
+        scores = {}
         for k, dead in self._by_gated_space(self.params.group_norms() == 0).items():
             live = torch.sigmoid(logits[k].double() + self.config.offset).to(self.device)
             scores[k] = torch.where(mask[k] > 0, 2.0, torch.where(dead, 0.0, live))
-        return self._threshold_for_target(scores)
+        return scores
 
     @torch.no_grad()
     def saliency_mask(self) -> Masks:

@@ -305,6 +305,28 @@ def test_floor_tops_the_window_mask_up_to_the_budget(data, sampling):
             assert float(kept.min()) >= float(dropped.max()), k
 
 
+@pytest.mark.parametrize("shift", [-20.0, 20.0])
+def test_budget_window_mask_is_the_controllers_ranking_cut_at_the_budget(data, shift):
+    """window_mask="budget": whether the controller keeps almost nothing or everything, the projecting mask keeps
+    its live ZIGs of highest logit, across spaces, up to the FLOPs target; a dead ZIG is never kept."""
+    trainer = fresh().start_training(10, 0.5, window_mask="budget")
+    with torch.no_grad():
+        for head in trainer.controller.heads:
+            head.bias.add_(shift)
+        trainer.params.zero_(trainer.params.keep_vector(  # ZIG 0 of every space is dead
+            {k: torch.tensor([0.0] + [1.0] * (len(m) - 1)) for k, m in trainer.mask.items()}) == 0)
+    trainer.state.epoch = 2  # inside the window
+    trainer.controller_step(next(iter(data[0])))
+    assert 0.45 < trainer.flops_kept() <= 0.5
+    assert all(float(m[0]) == 0.0 for m in trainer.mask.values())
+    logits = {k: torch.sigmoid(v.detach().double() + trainer.config.offset) for k, v in trainer.controller().items()}
+    kept = [float(logits[k][i]) for k, m in trainer.mask.items() if k in logits for i in m.nonzero().flatten().tolist()
+            if m.sum() > 1]
+    dropped = [float(logits[k][i]) for k, m in trainer.mask.items() if k in logits
+               for i in (m == 0).nonzero().flatten().tolist() if i > 0]  # the dead ZIG 0 aside
+    assert dropped and min(kept) >= max(dropped)
+
+
 # ------------------------------------------------------------------------------ 6: search space
 def test_internal_search_space_gates_block_internal_spaces_only():
     ato = fresh()
