@@ -20,6 +20,7 @@ from atofx.ato import distributed
 from atofx.ato.batches import check_targets, checked_forward, hits, loader_length, split_batch, to_device
 from atofx.ato.controller import controller_subset
 from atofx.ato.denormals import flush_denormal_state_
+from atofx.ato.lr_schedule import when_to_step
 from atofx.ato.mixed_precision import StepPrecision
 from atofx.ato.trainer import ATOTrainer
 from atofx.errors import AtofxError, DataError
@@ -66,13 +67,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.optim.Optimizer,
                     loss_fn: Callable[[Any, Tensor], Tensor], precision: StepPrecision | None = None,
                     progress: bool = False, desc: str = "", model: nn.Module | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> tuple[float, float]:
+                    scaler: torch.amp.GradScaler | None = None, batch_scheduler: Any = None) -> tuple[float, float]:
     """One pass of target-model steps, each followed by ATO's projection; returns (mean loss, accuracy %).
 
-    `model` is what takes the steps (the DistributedDataParallel wrapper under torchrun); the figures
-    returned are over all ranks. `scaler` is the run's GradScaler when `precision` is fp16 (fit makes one
-    per run). The loop itself never waits for the device, except for the progress bar on the CPU. At the end, the
-    optimiser's denormal state is set to zero (`denormals`: stuck momentum of zeroed groups slows CPU steps).
+    `model` is what takes the steps (the DistributedDataParallel wrapper under torchrun); the figures returned
+    are over all ranks. `scaler` is the run's GradScaler when `precision` is fp16 (fit makes one per run),
+    `batch_scheduler` a scheduler that steps after every batch (`lr_schedule`). The loop itself never waits for
+    the device, except for the progress bar on the CPU. At the end, the optimiser's denormal state is set to zero
+    (`denormals`: stuck momentum of zeroed groups slows CPU steps).
     """
     device = trainer.device
     model = model if model is not None else trainer.model
@@ -101,6 +103,8 @@ def train_one_epoch(trainer: ATOTrainer, loader: Iterable, optimizer: torch.opti
             loss.backward()
             optimizer.step()
         trainer.after_optimizer_step(optimizer)
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         loss_sum += loss.detach() * len(targets)
         correct += hits(out, targets)
         seen += len(targets)
@@ -141,10 +145,10 @@ def fit(
     the checkpoints, and all ranks resume from the same checkpoint.
     """
     device, ph = trainer.device, trainer.phases
-    ranks = distributed.current()
     distributed.require_sharded(train_loader, "training")
-    progress = progress and ranks.main
+    progress = progress and distributed.current().main
     trainer.params.step_size(optimizer)  # an optimiser the projection cannot follow is refused before any epoch
+    when = when_to_step(scheduler, ph.epochs, loader_length(train_loader))  # a mis-sized OneCycleLR is refused here
     run = _Run(trainer, optimizer, scheduler, checkpoint_dir, log_path, loader_length(train_loader))
     if trainer.config.method == "ato" and not hasattr(train_loader, "dataset"):
         raise DataError(f"the training loader is a {type(train_loader).__name__}, not a DataLoader: ATO draws the "
@@ -164,10 +168,10 @@ def fit(
             distributed.set_epoch(loader, epoch)
         before = {k: v.clone() for k, v in trainer.mask.items()}
         train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, precision, progress,
-                                                f"epoch {epoch + 1}/{ph.epochs}", stepping, run.scaler)
+                                                f"epoch {epoch + 1}/{ph.epochs}", stepping, run.scaler,
+                                                scheduler if when == "batch" else None)
         distributed.share_buffers(model)  # rank 0's BN statistics everywhere: one model to evaluate and save
-        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # it steps on a metric
-        if scheduler is not None and not plateau:
+        if when == "epoch":
             scheduler.step()
         run.check_finite(train_loss, epoch)
         ctrl = controller_epoch(trainer, cn_loader, loss_fn, len(train_loader)) if cn_loader is not None else []
@@ -175,7 +179,7 @@ def fit(
         if val_loader is not None:
             val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        if plateau:
+        if when == "metric":
             scheduler.step(record.get("val_loss", train_loss))
         record["seconds"] = time.perf_counter() - started
         trainer.state.history.append(record)

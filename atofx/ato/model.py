@@ -173,9 +173,9 @@ class ATOModel(Analysis):
         Any other ATOConfig option goes in `config` (e.g. `step_size="share"`); `flavour="official"` starts from the
         authors' released code's choices. Resumes from `checkpoint_dir` when it holds a checkpoint of the same run.
         Without an optimizer, SGD (lr 0.1, momentum 0.9, nesterov, weight decay 5e-4) with a cosine schedule.
-        `scheduler` steps once an epoch (`ReduceLROnPlateau` on the validation loss, else the training loss;
-        OneCycleLR then needs `total_steps=epochs`). `amp`: autocast in "bf16", or "fp16" with a grad scaler. Under
-        torchrun each rank passes a loader with a DistributedSampler and the model trains through
+        `scheduler` steps once an epoch (ReduceLROnPlateau on the validation loss, else the training loss); a
+        OneCycleLR sized in batches and CyclicLR step after every batch. `amp`: "bf16" autocast, or "fp16" with a
+        grad scaler. Under torchrun each rank passes a loader with a DistributedSampler and the model trains through
         DistributedDataParallel. The whole model ends in train mode, as after any training loop.
         """
         torch.manual_seed(seed)

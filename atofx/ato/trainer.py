@@ -251,12 +251,10 @@ class ATOTrainer:
         return self._full(self._never_empty({k: v.detach() for k, v in masks.items()}))
 
     def _floored(self, mask: Masks) -> Masks:
-        """The window's projecting mask, as `window_mask` says: `mask` ("controller"), `mask` topped up to the budget
-        ("floor", `filled_mask`), or the controller's live ZIGs ranked by logit and cut at the budget ("budget")."""
-        how = self.config.window_mask
-        if how == "budget":
+        """The window's projecting mask as `window_mask` says: `mask`, topped up to the budget, or cut at it."""
+        if self.config.window_mask == "budget":
             return self._threshold_for_target(self._fill_scores({k: torch.zeros_like(v) for k, v in mask.items()}))
-        return self.filled_mask(mask) if how == "floor" else mask
+        return self.filled_mask(mask) if self.config.window_mask == "floor" else mask
 
     def _never_empty(self, masks: Masks) -> Masks:
         empty = [k for k, m in masks.items() if not bool(m.any())]
@@ -309,18 +307,15 @@ class ATOTrainer:
 
     @torch.no_grad()
     def filled_mask(self, mask: Masks) -> Masks:
-        """`mask` (at most the target), with dropped ZIGs kept again, best logits first, while the FLOPs model
-        keeps at most the target; only ZIGs whose parameters are not all exactly zero come back (a zero conv + BN
-        group gets no gradient, so it would cost FLOPs and give nothing). The one-sided regulariser lets the
-        controller end below the budget (0.449 of FLOPs kept for a 0.5 target on Fashion-MNIST); with
-        `window_mask="floor"` this rule holds the window's mask at the budget after every controller step."""
+        """`mask` with dropped ZIGs kept again, best logits first, while the FLOPs model keeps at most the target;
+        a dead ZIG (all parameters exactly zero: a zero conv + BN group gets no gradient) never comes back. With
+        `window_mask="floor"` this holds the window's mask at the budget after every controller step."""
         if self.flops_kept(mask) >= self.config.target_flops:
             return mask
         return self._threshold_for_target(self._fill_scores(mask))
 
     def _fill_scores(self, mask: Masks) -> dict[int, Tensor]:
-        """Per gated space, the order ZIGs are kept in: kept by `mask` 2; live dropped sigmoid(logit + offset), in
-        (0, 1); dead (all parameters exactly zero) 0, never above a threshold."""
+        """Per gated space, ZIGs in keeping order: kept by `mask` 2, live sigmoid(logit + offset), dead 0 (never)."""
         logits = self.controller()
         scores = {}
         for k, dead in self._by_gated_space(self.params.group_norms() == 0).items():
