@@ -321,7 +321,7 @@ def test_budget_window_mask_is_the_controllers_ranking_cut_at_the_budget(data, s
     assert all(float(m[0]) == 0.0 for m in trainer.mask.values())
     logits = {k: torch.sigmoid(v.detach().double() + trainer.config.offset) for k, v in trainer.controller().items()}
     kept = [float(logits[k][i]) for k, m in trainer.mask.items() if k in logits for i in m.nonzero().flatten().tolist()
-            if m.sum() > 1]
+            if m.sum() > 1]  # a space's last ZIG is kept whatever its logit: a layer of width 0 cannot be built
     dropped = [float(logits[k][i]) for k, m in trainer.mask.items() if k in logits
                for i in (m == 0).nonzero().flatten().tolist() if i > 0]  # the dead ZIG 0 aside
     assert dropped and min(kept) >= max(dropped)
