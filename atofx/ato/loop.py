@@ -148,7 +148,6 @@ def fit(
     distributed.require_sharded(train_loader, "training")
     progress = progress and distributed.current().main
     trainer.params.step_size(optimizer)  # an optimiser the projection cannot follow is refused before any epoch
-    when = when_to_step(scheduler, ph.epochs, loader_length(train_loader))  # a mis-sized OneCycleLR is refused here
     run = _Run(trainer, optimizer, scheduler, checkpoint_dir, log_path, loader_length(train_loader))
     if trainer.config.method == "ato" and not hasattr(train_loader, "dataset"):
         raise DataError(f"the training loader is a {type(train_loader).__name__}, not a DataLoader: ATO draws the "
@@ -169,9 +168,9 @@ def fit(
         before = {k: v.clone() for k, v in trainer.mask.items()}
         train_loss, train_acc = train_one_epoch(trainer, train_loader, optimizer, loss_fn, precision, progress,
                                                 f"epoch {epoch + 1}/{ph.epochs}", stepping, run.scaler,
-                                                scheduler if when == "batch" else None)
+                                                scheduler if run.stepping == "batch" else None)
         distributed.share_buffers(model)  # rank 0's BN statistics everywhere: one model to evaluate and save
-        if when == "epoch":
+        if run.stepping == "epoch":
             scheduler.step()
         run.check_finite(train_loss, epoch)
         ctrl = controller_epoch(trainer, cn_loader, loss_fn, len(train_loader)) if cn_loader is not None else []
@@ -179,7 +178,7 @@ def fit(
         if val_loader is not None:
             val = evaluate(model, val_loader, device, loss_fn, trainer.example_inputs)
             record |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        if when == "metric":
+        if run.stepping == "metric":
             scheduler.step(record.get("val_loss", train_loss))
         record["seconds"] = time.perf_counter() - started
         trainer.state.history.append(record)
@@ -220,6 +219,7 @@ class _Run:
         self.trainer, self.optimizer, self.scheduler = trainer, optimizer, scheduler
         self.checkpoint_dir, self.log_path = checkpoint_dir, log_path
         self.fingerprint = trainer.fingerprint(n_batches)
+        self.stepping = when_to_step(scheduler, trainer.phases.epochs, n_batches)  # a mis-sized OneCycleLR: refused
         self.generators: list[torch.Generator] = []
         self.scaler: torch.amp.GradScaler | None = None
 
