@@ -11,7 +11,6 @@ import contextlib
 import copy
 import difflib
 import io
-import os
 import re
 import sys
 import warnings
@@ -298,7 +297,9 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
                   file: object = None, line: str | None = None) -> None:
     """atofx's own warnings as one `atofx: warning:` line, by the main process only (torchrun's ranks would each say
     it); others as Python prints them."""
-    if issubclass(category, AtofxWarning) and os.environ.get("RANK", "0") != "0":
+    from atofx.ato.distributed import launch_rank_zero  # torch: not loaded for --help
+
+    if issubclass(category, AtofxWarning) and not launch_rank_zero():
         return
     if isinstance(message, ScheduleWarning):  # its advice, in flags
         print(f"atofx: warning: {message.diagnosis} {SCHEDULE_ADVICE}", file=sys.stderr)

@@ -6,7 +6,6 @@ Imports no torch until the command runs: `atofx train --help` answers at once.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -142,12 +141,12 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         summary = run(job)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # once, not once per torchrun rank
+        if distributed.launch_rank_zero():  # once, not once per torchrun rank
             print(interrupted_message(job), file=sys.stderr)
         return 130
     finally:
         distributed.stop()
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+    if distributed.launch_rank_zero():  # under torchrun, rank 0 speaks for all
         print(summary_table(summary))
         files = ["summary.json", "log.jsonl", *([summary["picture"]] if summary.get("picture") else []),
                  "accuracy_flops.png", "widths.png"]

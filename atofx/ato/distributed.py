@@ -51,6 +51,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_rank_zero() -> bool:
+    """True outside torchrun and in its rank 0, whether or not the process group is up (torchrun's RANK): the
+    process that speaks for all, also before `start` and after `stop`."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def start(device_type: str) -> Ranks:
     """Join torchrun's process group (nccl for CUDA, gloo for the CPU); a single rank outside torchrun."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
